@@ -1,0 +1,30 @@
+"""smskd: sequential multi-stage knowledge distillation for PyTorch.
+
+from smskd import Stage, run_stages
+stages = [Stage(methods=["kd"], epochs=10), Stage(methods=["fitnets"], epochs=10)]
+result = run_stages(student, teacher, stages, train_loader, test_loader)
+"""
+
+from smskd.config import MethodSpec, ReferenceConfig, RunConfig, Stage, load_config
+from smskd.errors import UserError
+from smskd.experiment import distill, evaluate_checkpoint, train_teacher
+from smskd.pipeline import RunResult, run_stages
+from smskd.taps import FeatureTaps, ModelLayout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FeatureTaps",
+    "MethodSpec",
+    "ModelLayout",
+    "ReferenceConfig",
+    "RunConfig",
+    "RunResult",
+    "Stage",
+    "UserError",
+    "distill",
+    "evaluate_checkpoint",
+    "load_config",
+    "run_stages",
+    "train_teacher",
+]

@@ -1,0 +1,3 @@
+from smskd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""Typed, validated schema of a run: YAML ⇄ objects.
+
+Every mistake is caught at load time and reported in one line that names the key
+and, where there is a fixed set, the valid choices. The same classes are the
+Python API: ``Stage(methods=["kd"], epochs=10)`` is validated as it is built.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from smskd.errors import UserError, choices
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _name_shorthand(value: Any) -> Any:
+    """Let ``"kd"`` stand for ``{"name": "kd"}`` in YAML and in Python."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+class MethodSpec(BaseModel):
+    """One KD method in a stage: its registry name, loss weight β and its options.
+
+    Options are the method's own keyword arguments (``temperature`` for ``kd``,
+    ``student_layer`` for ``fitnets``...), checked against its signature.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    weight: float | None = Field(default=None, ge=0)
+
+    _wrap = model_validator(mode="before")(_name_shorthand)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> MethodSpec:
+        from smskd.methods.registry import validate_options
+
+        self.__pydantic_extra__ = validate_options(self.name, self.options)
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.__pydantic_extra__ or {})
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    nesterov: bool = False
+
+
+class ScheduleConfig(_Strict):
+    """Per-epoch LR schedule of one stage (each stage starts a fresh one)."""
+
+    name: Literal["constant", "cosine", "multistep"] = "cosine"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(default=0.1, gt=0)
+
+    _wrap = model_validator(mode="before")(_name_shorthand)
+
+
+class Stage(_Strict):
+    """One stage: its KD methods (summed), CE weight, epochs, optimizer and schedule.
+
+    SMSKD has one method per stage; ``joint`` is one stage with several; ``scratch``
+    is a stage with none. From the second stage on the previous stage's student is
+    the frozen reference (see :class:`ReferenceConfig`).
+    """
+
+    name: str | None = None
+    methods: list[MethodSpec] = Field(default_factory=list)
+    epochs: int = Field(gt=0)
+    ce_weight: float = Field(default=1.0, ge=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @property
+    def label(self) -> str:
+        return self.name or ("+".join(m.name for m in self.methods) or "ce")
+
+
+class ReferenceConfig(_Strict):
+    """Reference loss from stage 2 on (DESIGN.md §1; open choices in PAPER.md).
+
+    ``w_i = λ·(1 − TCP_i)`` (``inverse_tcp``), ``λ·TCP_i`` (``tcp``), ``λ`` (``fixed``)
+    or no reference term at all (``none``); ``TCP_i = softmax(t_i / tcp_temperature)[y_i]``.
+    """
+
+    weighting: Literal["inverse_tcp", "tcp", "fixed", "none"] = "inverse_tcp"
+    lam: float = Field(default=1.0, ge=0)
+    temperature: float = Field(default=4.0, gt=0)
+    tcp_temperature: float = Field(default=1.0, gt=0)
+    loss: Literal["kl", "mse_logits"] = "kl"
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.weighting in ("inverse_tcp", "tcp")
+
+
+class ModelSpec(_Strict):
+    """A zoo model by name, with keyword arguments for its builder."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    _wrap = model_validator(mode="before")(_name_shorthand)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from smskd.models.registry import MODELS
+
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; valid: {choices(MODELS)}")
+        return name
+
+
+class DataConfig(_Strict):
+    name: str = "digits"
+    root: str | None = None
+    batch_size: int = Field(default=64, gt=0)
+    eval_batch_size: int = Field(default=512, gt=0)
+
+    _wrap = model_validator(mode="before")(_name_shorthand)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from smskd.data.registry import DATASETS
+
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; valid: {choices(DATASETS)}")
+        return name
+
+
+class TeacherConfig(_Strict):
+    """The teacher: loaded from ``checkpoint``, or trained from scratch when it is null."""
+
+    model: ModelSpec
+    checkpoint: str | None = None
+    epochs: int = Field(default=30, gt=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    def training_stage(self) -> Stage:
+        return Stage(
+            name="teacher", epochs=self.epochs, optimizer=self.optimizer, schedule=self.schedule
+        )
+
+
+class StudentConfig(_Strict):
+    model: ModelSpec
+    checkpoint: str | None = None
+
+
+class RunConfig(_Strict):
+    """A whole run: data, teacher, student, the stage list and the reference loss."""
+
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig | None = None
+    student: StudentConfig
+    stages: list[Stage] = Field(min_length=1)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+
+    @model_validator(mode="after")
+    def _teacher_when_needed(self) -> RunConfig:
+        uses_methods = any(stage.methods for stage in self.stages)
+        needs_tcp = len(self.stages) > 1 and self.reference.needs_teacher
+        if self.teacher is None and (uses_methods or needs_tcp):
+            reason = (
+                "its stages use KD methods"
+                if uses_methods
+                else (f"reference.weighting {self.reference.weighting!r} reads the teacher's TCP")
+            )
+            raise ValueError(f"teacher: required because {reason}; add a 'teacher:' section")
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(stage.epochs for stage in self.stages)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file (or a dict), apply ``key.path=value`` overrides, validate."""
+    if isinstance(source, dict):
+        raw, where = source, "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}: not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+        where = str(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping of keys (seed, data, stages, ...) at the top")
+    for override in overrides:
+        apply_override(raw, override)
+    return validate(RunConfig, raw, where)
+
+
+def validate(model: type[BaseModel], raw: Any, where: str = "config") -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"{where}: {describe_error(model, err)}") from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """``stages.*.epochs=2`` sets ``epochs`` in every stage; values are parsed as YAML."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {override!r} must look like key.path=value")
+    value = yaml.safe_load(text) if text else None
+    parts = key.split(".")
+    targets: list[Any] = [raw]
+    for part in parts[:-1]:
+        targets = [child for node in targets for child in _children(node, part, key)]
+    for node in targets:
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(node, last, key)] = value
+        else:
+            node[last] = value
+
+
+def _children(node: Any, part: str, key: str) -> list[Any]:
+    if isinstance(node, list):
+        return list(node) if part == "*" else [node[_index(node, part, key)]]
+    if not isinstance(node, dict):
+        raise UserError(f"override {key!r}: {part!r} is inside a value, not a section")
+    return [node.setdefault(part, {})]
+
+
+def _index(node: list[Any], part: str, key: str) -> int:
+    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+        raise UserError(f"override {key!r}: {part!r} is not an index of a {len(node)}-item list")
+    return int(part)
+
+
+def describe_error(model: type[BaseModel], err: ValidationError) -> str:
+    """The first error, as ``key.path: what is wrong (valid keys/choices)``."""
+    first = err.errors()[0]
+    loc = [p for p in first["loc"] if p not in ("function-after", "function-before")]
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        valid = f"; valid keys: {choices(parent.model_fields)}" if parent else ""
+        return f"unknown key {path!r}{valid}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    msg = msg.removeprefix("Value error, ")
+    if kind in (
+        "int_parsing",
+        "float_parsing",
+        "bool_parsing",
+        "string_type",
+        "list_type",
+        "dict_type",
+        "model_type",
+        "int_from_float",
+        "model_attributes_type",
+    ):
+        msg += f" (got {first.get('input')!r})"
+    return f"{path}: {msg}"
+
+
+def _model_at(model: type[BaseModel], loc: list[Any]) -> type[BaseModel] | None:
+    """Walk the schema along ``loc`` to the model class that holds the last key."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(part, int):
+            args = [a for a in typing.get_args(current) if a is not type(None)]
+            current = args[0] if args else None
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            current = field.annotation if field else None
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X | None`` → ``X``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return args[0] if len(args) == 1 else annotation
+    return annotation

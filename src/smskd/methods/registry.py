@@ -1,0 +1,92 @@
+"""Method names → classes, option checking, and construction for a stage."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any
+
+from pydantic import ConfigDict, ValidationError, create_model
+
+from smskd.errors import UserError, choices
+from smskd.methods.base import DistillMethod
+from smskd.methods.fitnets import FitNets
+from smskd.methods.kd import KD
+from smskd.methods.rkd import RKD
+from smskd.taps import ModelLayout
+
+METHODS: dict[str, type[DistillMethod]] = {cls.name: cls for cls in (KD, FitNets, RKD)}
+
+
+def _options_model(cls: type[DistillMethod]) -> Any:
+    hints = typing.get_type_hints(cls.__init__)
+    fields: dict[str, Any] = {}
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self":
+            continue
+        # Tap arguments are filled from the model layout when not given.
+        default = None if name in cls.tap_roles else param.default
+        annotation = hints[name] | None if name in cls.tap_roles else hints[name]
+        fields[name] = (annotation, ... if default is inspect.Parameter.empty else default)
+    return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def validate_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Check a method name and its keyword options; return the options as given."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {choices(METHODS)}")
+    model = _options_model(METHODS[name])
+    try:
+        model.model_validate(options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            valid = choices(model.model_fields) or "none"
+            raise ValueError(
+                f"method {name!r} has no option {key!r}; valid options: {valid}"
+            ) from None
+        raise ValueError(f"method {name!r} option {key!r}: {first['msg']}") from None
+    return options
+
+
+def build_method(
+    name: str,
+    options: dict[str, Any],
+    student_layout: ModelLayout,
+    teacher_layout: ModelLayout,
+) -> DistillMethod:
+    """Instantiate a method, filling unnamed tap arguments from the model layouts."""
+    cls = METHODS[name]
+    kwargs = dict(options)
+    layouts = {"student": student_layout, "teacher": teacher_layout}
+    for arg, (side, role) in cls.tap_roles.items():
+        if kwargs.get(arg) is None:
+            tap = layouts[side].role(role)
+            if tap is None:
+                raise UserError(
+                    f"method {name!r} needs option {arg!r}: the {side} model declares no "
+                    f"default for its {role!r} layer, so name one of its modules"
+                )
+            kwargs[arg] = tap
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise UserError(f"method {name!r}: {err}") from None
+
+
+def describe_methods() -> list[dict[str, str]]:
+    """Rows for ``smskd methods``."""
+    rows = []
+    for cls in METHODS.values():
+        taps = ", ".join(f"{side} {role}" for side, role in cls.tap_roles.values()) or "logits"
+        rows.append(
+            {
+                "name": cls.name,
+                "family": cls.family,
+                "citation": cls.citation,
+                "taps": taps,
+                "default_weight": str(cls.default_weight),
+            }
+        )
+    return rows

@@ -1,0 +1,164 @@
+"""The `smskd` command end to end, through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from smskd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMSKD = shutil.which("smskd") or f"{sys.executable} -m smskd"
+SMALL = ["--teacher-epochs", "3", "--stage-epochs", "1"]
+
+
+def smskd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [*SMSKD.split(), *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"smskd {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quickstart")
+    proc = smskd("quickstart", "--out", str(out), "--no-progress", *SMALL)
+    for recipe in ("scratch", "single", "joint", "smskd"):
+        assert f"| {recipe} |" in proc.stdout
+    return out
+
+
+def test_quickstart_writes_every_recipe_run(quickstart_dir: Path) -> None:
+    for recipe in ("scratch", "single", "joint", "smskd"):
+        run = quickstart_dir / recipe
+        assert (run / "config.yaml").is_file()
+        assert (run / "checkpoints" / "last.pt").is_file()
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert sum(1 for _ in records) == 3  # the same 3 student epochs for every recipe
+        weights = torch.load(run / "student.pt", weights_only=True)
+        assert all(isinstance(v, torch.Tensor) for v in weights.values())
+    stages = [
+        json.loads(x)["stage_name"]
+        for x in (quickstart_dir / "smskd" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert stages == ["kd", "fitnets", "rkd"]
+    report = (quickstart_dir / "report.md").read_text()
+    assert "| smskd | kd → fitnets → rkd |" in report and "| teacher |" in report
+
+
+def test_quickstart_rerun_reuses_finished_runs(quickstart_dir: Path) -> None:
+    before = (quickstart_dir / "smskd" / "student.pt").stat().st_mtime_ns
+    proc = smskd("quickstart", "--out", str(quickstart_dir), "--no-progress", *SMALL)
+    assert "| smskd |" in proc.stdout
+    assert (quickstart_dir / "smskd" / "metrics.jsonl").read_text().count("\n") == 3
+    assert (quickstart_dir / "smskd" / "student.pt").stat().st_mtime_ns >= before
+    changed = smskd(
+        "quickstart",
+        "--out",
+        str(quickstart_dir),
+        "--no-progress",
+        "--teacher-epochs",
+        "3",
+        "--stage-epochs",
+        "2",
+        check=False,
+    )
+    assert changed.returncode == 2 and "--force" in changed.stderr
+
+
+def test_distill_quickstart_yaml_reproduces_the_smskd_row(quickstart_dir, tmp_path) -> None:
+    out = tmp_path / "smskd"
+    smskd(
+        "distill",
+        "configs/quickstart.yaml",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "teacher.epochs=3",
+        "--set",
+        "stages.*.epochs=1",
+    )
+    ours = torch.load(out / "student.pt", weights_only=True)
+    theirs = torch.load(quickstart_dir / "smskd" / "student.pt", weights_only=True)
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert (out / "teacher" / "teacher.pt").is_file()
+
+
+def test_eval_reports_the_logged_accuracy(quickstart_dir: Path) -> None:
+    run = quickstart_dir / "smskd"
+    proc = smskd("eval", str(run / "student.pt"))
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"test acc {last['test_acc']:.2f}%" in proc.stdout
+    teacher = smskd("eval", str(quickstart_dir / "teacher" / "teacher.pt"))
+    assert "test acc" in teacher.stdout
+
+
+def test_eval_of_a_model_that_does_not_fit_is_a_clear_error(quickstart_dir: Path) -> None:
+    proc = smskd(
+        "eval", str(quickstart_dir / "smskd" / "student.pt"), "--model", "convnet-l", check=False
+    )
+    assert proc.returncode == 2 and "does not fit" in proc.stderr
+
+
+def test_train_teacher(tmp_path: Path) -> None:
+    out = tmp_path / "teacher"
+    proc = smskd(
+        "train-teacher",
+        "configs/quickstart.yaml",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "teacher.epochs=2",
+    )
+    assert "teacher test acc" in proc.stdout
+    assert (out / "teacher.pt").is_file() and (out / "config.yaml").is_file()
+    again = smskd("train-teacher", "configs/quickstart.yaml", "--out", str(out), check=False)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_listing_commands(capsys) -> None:
+    assert main(["methods", "--format", "json"]) == 0
+    methods = json.loads(capsys.readouterr().out)
+    assert {m["name"]: m["family"] for m in methods} == {
+        "kd": "response",
+        "fitnets": "feature",
+        "rkd": "relation",
+    }
+    assert main(["models", "--format", "json", "--num-classes", "10", "--in-channels", "1"]) == 0
+    models = {m["name"]: m["params"] for m in json.loads(capsys.readouterr().out)}
+    # convnet-xs by hand: convs 1·8·9 + 8·16·9 + 16·32·9, BN 2·(8+16+32), fc 32·10 + 10.
+    assert models["convnet-xs"] == 72 + 1152 + 4608 + 112 + 330
+    assert main(["datasets"]) == 0
+    assert "digits" in capsys.readouterr().out
+
+
+def test_every_command_has_help_with_an_example(capsys) -> None:
+    for command in (
+        "quickstart",
+        "train-teacher",
+        "distill",
+        "eval",
+        "methods",
+        "models",
+        "datasets",
+    ):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        assert "example: smskd" in capsys.readouterr().out
+
+
+def test_missing_config_file_is_exit_code_2(tmp_path: Path, capsys) -> None:
+    assert main(["distill", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,227 @@
+"""The stage loop: reference from stage 2, weights carried, helpers dropped, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import smskd.pipeline as pipeline
+from smskd.checkpoint import safe_load
+from smskd.config import ReferenceConfig, Stage
+from smskd.errors import UserError
+from smskd.methods.registry import METHODS
+from smskd.pipeline import run_stages
+
+
+def three_stages(epochs: int = 1) -> list[Stage]:
+    return [
+        Stage(methods=["kd"], epochs=epochs, optimizer={"lr": 0.1}),
+        Stage(methods=["fitnets"], epochs=epochs, optimizer={"lr": 0.1}),
+        Stage(methods=["rkd"], epochs=epochs, optimizer={"lr": 0.1}),
+    ]
+
+
+@pytest.fixture
+def references(monkeypatch) -> list[tuple[torch.nn.Module, dict, torch.nn.Module]]:
+    """Record every reference the pipeline makes, with the student state it copied."""
+    made = []
+    original = pipeline.make_reference
+
+    def recording(student):
+        reference = original(student)
+        made.append((reference, {k: v.clone() for k, v in student.state_dict().items()}, student))
+        return reference
+
+    monkeypatch.setattr(pipeline, "make_reference", recording)
+    return made
+
+
+def test_stage_one_has_no_reference_and_later_stages_do(
+    student, teacher, tiny_data, references, tmp_path
+) -> None:
+    train, test = tiny_data
+    result = run_stages(
+        student,
+        teacher,
+        three_stages(),
+        train,
+        test,
+        out_dir=tmp_path,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert len(references) == 2  # stages 2 and 3
+    by_stage = {r["stage"]: r for r in result.history}
+    assert "train_reference" not in by_stage[1]
+    assert by_stage[2]["train_reference"] > 0 and by_stage[3]["train_reference"] > 0
+    assert 0 <= by_stage[2]["train_ref_weight_mean"] <= 1  # λ·(1 − TCP) with λ = 1
+
+
+def test_student_carried_across_stages_and_reference_is_previous_student(
+    student, teacher, tiny_data, references, tmp_path
+) -> None:
+    train, test = tiny_data
+    result = run_stages(
+        student,
+        teacher,
+        three_stages(),
+        train,
+        test,
+        out_dir=tmp_path,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert result.student is student
+    for k, (reference, copied, source) in enumerate(references, start=1):
+        assert source is student and reference is not student
+        stage_end = safe_load(tmp_path / "checkpoints" / f"stage{k}.pt")
+        # The reference of stage k+1 is the student as stage k left it, and it never moved.
+        for key, value in reference.state_dict().items():
+            assert torch.equal(value, stage_end[key]), key
+            assert torch.equal(value, copied[key]), key
+    final = student.state_dict()
+    assert any(not torch.equal(final[k], references[-1][1][k]) for k in final)
+
+
+def test_stage_owned_helpers_and_hooks_are_dropped(student, teacher, tiny_data) -> None:
+    train, test = tiny_data
+    keys_before = set(student.state_dict())
+    run_stages(student, teacher, three_stages(), train, test, progress=False, log=lambda _: None)
+    assert set(student.state_dict()) == keys_before  # no regressor left in the student
+    for module in list(student.modules()) + list(teacher.modules()):
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_teacher_is_never_updated(student, teacher, tiny_data) -> None:
+    train, test = tiny_data
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    run_stages(student, teacher, three_stages(), train, test, progress=False, log=lambda _: None)
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_weighting_none_builds_no_reference(student, teacher, tiny_data, references) -> None:
+    train, test = tiny_data
+    result = run_stages(
+        student,
+        teacher,
+        three_stages(),
+        train,
+        test,
+        reference=ReferenceConfig(weighting="none"),
+        progress=False,
+        log=lambda _: None,
+    )
+    assert references == []
+    assert all("train_reference" not in r for r in result.history)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_works_inside_a_two_stage_run(name, student, teacher, tiny_data) -> None:
+    train, test = tiny_data
+    stages = [Stage(methods=["kd"], epochs=1), Stage(methods=[name], epochs=1)]
+    result = run_stages(student, teacher, stages, train, test, progress=False, log=lambda _: None)
+    assert [r["stage"] for r in result.history] == [1, 2]
+    assert f"train_{name}" in result.history[-1]
+
+
+def test_run_directory_contents(student, teacher, tiny_data, tmp_path) -> None:
+    train, test = tiny_data
+    run_stages(
+        student,
+        teacher,
+        three_stages(),
+        train,
+        test,
+        out_dir=tmp_path,
+        progress=False,
+        log=lambda _: None,
+    )
+    weights = torch.load(tmp_path / "student.pt", weights_only=True)
+    assert set(weights) == set(student.state_dict())
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "last.pt",
+        "stage1.pt",
+        "stage2.pt",
+        "stage3.pt",
+    ]
+
+
+def test_resume_after_a_crash_is_bit_identical(student, teacher, tiny_data, tmp_path, monkeypatch):
+    train, test = tiny_data
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    stages = three_stages(epochs=2)
+    reference_run = run_stages(
+        student,
+        teacher,
+        stages,
+        train,
+        test,
+        out_dir=tmp_path / "a",
+        progress=False,
+        log=lambda _: None,
+    )
+    expected = {k: v.clone() for k, v in reference_run.student.state_dict().items()}
+
+    student.load_state_dict(initial)
+    calls = {"n": 0}
+    real_evaluate = pipeline.evaluate
+
+    def crash_after_three_epochs(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # epoch 4 = stage 2, epoch 2: mid-stage, reference live
+            raise RuntimeError("simulated crash")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate", crash_after_three_epochs)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        torch.manual_seed(123)  # the crashed process had another RNG history
+        run_stages(
+            student,
+            teacher,
+            stages,
+            train,
+            test,
+            out_dir=tmp_path / "b",
+            progress=False,
+            log=lambda _: None,
+        )
+    monkeypatch.setattr(pipeline, "evaluate", real_evaluate)
+
+    student.load_state_dict(initial)  # a fresh process builds a fresh student
+    torch.manual_seed(999)
+    resumed = run_stages(
+        student,
+        teacher,
+        stages,
+        train,
+        test,
+        out_dir=tmp_path / "b",
+        resume=True,
+        progress=False,
+        log=lambda _: None,
+    )
+    for key, value in resumed.student.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert [r["global_epoch"] for r in resumed.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_methods_without_teacher_are_refused(student, tiny_data) -> None:
+    train, test = tiny_data
+    with pytest.raises(UserError, match="no teacher"):
+        run_stages(
+            student,
+            None,
+            [Stage(methods=["kd"], epochs=1)],
+            train,
+            test,
+            progress=False,
+            log=lambda _: None,
+        )
+
+
+def test_empty_stage_list_is_refused(student, teacher, tiny_data) -> None:
+    with pytest.raises(UserError, match="empty"):
+        run_stages(student, teacher, [], *tiny_data, progress=False)

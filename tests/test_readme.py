@@ -1,0 +1,38 @@
+"""The README's promises: its API snippet runs, and CI runs its test command."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_api_snippet_runs_as_written(tmp_path: Path) -> None:
+    block = README.split("<!-- api-example:start -->")[1].split("<!-- api-example:end -->")[0]
+    code = block.strip().removeprefix("```python").removesuffix("```")
+    (tmp_path / "snippet.py").write_text(code)
+    proc = subprocess.run(
+        [sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    accuracy = float(re.search(r"student test accuracy: ([\d.]+)%", proc.stdout).group(1))
+    assert accuracy > 50  # 4 classes: chance is 25%
+    assert (tmp_path / "runs" / "api-example" / "student.pt").is_file()
+    assert "stage 3/3 rkd" in proc.stdout
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    commands = re.findall(r"```bash\n# 2\.[^\n]*\n(.+?)\n```", README)
+    assert len(commands) == 1
+    assert commands[0] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_first_command_runs_the_quickstart() -> None:
+    first = re.findall(r"```bash\n# 1\.[^\n]*\n(.+?)\n```", README)
+    assert len(first) == 1 and first[0].endswith("smskd quickstart")
+    assert "-c constraints.txt" in first[0]
+    assert (ROOT / "constraints.txt").read_text().strip() == "torch==2.13.0"
