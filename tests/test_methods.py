@@ -11,9 +11,11 @@ from torch import nn
 from smskd.config import ReferenceConfig, Stage
 from smskd.engine import StageObjective, step_loss
 from smskd.errors import UserError
-from smskd.methods import KD, RKD, FitNets, Outputs
+from smskd.methods import KD, RKD, FitNets, Outputs, StageContext
 from smskd.methods.registry import METHODS
 from smskd.pipeline import _build_stage
+
+CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)
 
 
 def outputs(student_feats=None, teacher_feats=None, s_logits=None, t_logits=None) -> Outputs:
@@ -68,7 +70,7 @@ def test_fitnets_identity_regressor_by_hand() -> None:
     t = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     method = FitNets("s", "t")
     out = outputs({"s": s}, {"t": t})
-    method.setup(out)
+    method.setup(out, CONTEXT)
     assert isinstance(method.regressor, nn.Identity)
     assert method.loss(out).tolist() == pytest.approx([(0 + 4) / 2, (9 + 16) / 2])
 
@@ -78,7 +80,7 @@ def test_fitnets_linear_regressor_by_hand() -> None:
     t = torch.tensor([[1.0, 1.0, 1.0]])
     method = FitNets("s", "t")
     out = outputs({"s": s}, {"t": t}, s_logits=torch.zeros(1, 2))
-    method.setup(out)
+    method.setup(out, CONTEXT)
     assert isinstance(method.regressor, nn.Linear)
     with torch.no_grad():
         method.regressor.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
@@ -89,7 +91,7 @@ def test_fitnets_linear_regressor_by_hand() -> None:
 
 def test_fitnets_conv_regressor_for_feature_maps() -> None:
     method = FitNets("s", "t")
-    method.setup(outputs({"s": torch.ones(2, 4, 3, 3)}, {"t": torch.ones(2, 6, 3, 3)}))
+    method.setup(outputs({"s": torch.ones(2, 4, 3, 3)}, {"t": torch.ones(2, 6, 3, 3)}), CONTEXT)
     conv = method.regressor
     assert isinstance(conv, nn.Conv2d)
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (4, 6, (1, 1))
@@ -99,7 +101,7 @@ def test_fitnets_unbridgeable_shapes_name_both_modules() -> None:
     method = FitNets("block2", "layer3")
     with pytest.raises(UserError, match=r"block2.*\(4, 8, 8\).*layer3.*\(6, 4, 4\)"):
         method.setup(
-            outputs({"block2": torch.ones(2, 4, 8, 8)}, {"layer3": torch.ones(2, 6, 4, 4)})
+            outputs({"block2": torch.ones(2, 4, 8, 8)}, {"layer3": torch.ones(2, 6, 4, 4)}), CONTEXT
         )
 
 
@@ -152,7 +154,7 @@ def test_zero_loss_when_student_equals_teacher(name: str) -> None:
         "rkd": lambda: RKD("f", "f"),
     }[name]()
     out = outputs({"f": feats}, {"f": feats}, logits, logits)
-    method.setup(out)
+    method.setup(out, CONTEXT)
     assert method.loss(out).abs().max().item() == pytest.approx(0.0, abs=1e-5)
 
 

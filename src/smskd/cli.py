@@ -89,7 +89,9 @@ def cmd_methods(args: argparse.Namespace) -> None:
     from smskd.methods.registry import describe_methods
 
     _print_rows(
-        describe_methods(), ["name", "family", "taps", "default_weight", "citation"], args.format
+        describe_methods(),
+        ["name", "family", "taps", "helpers", "default_weight", "citation"],
+        args.format,
     )
 
 

@@ -35,7 +35,7 @@ from smskd.engine import (
     unpack_batch,
 )
 from smskd.errors import UserError
-from smskd.methods.base import DistillMethod
+from smskd.methods.base import DistillMethod, StageContext
 from smskd.methods.registry import build_method
 from smskd.reference import make_reference
 from smskd.taps import FeatureTaps, layout_of
@@ -139,6 +139,14 @@ class _Progress:
         self.bar.close()
 
 
+def _num_samples(batches: Iterable) -> int | None:
+    dataset = getattr(batches, "dataset", None)
+    for source in (dataset, getattr(batches, "labels", None)):
+        if source is not None and hasattr(source, "__len__"):
+            return len(source)
+    return None
+
+
 def _build_stage(
     stage: Stage,
     student: nn.Module,
@@ -146,6 +154,7 @@ def _build_stage(
     reference: nn.Module | None,
     probe_batch: Any,
     device: torch.device,
+    num_samples: int | None = None,
 ) -> tuple[StageModels, list[DistillMethod]]:
     """Methods, taps and helpers of one stage; helpers sized by a probe forward."""
     if stage.methods and teacher is None:
@@ -165,13 +174,20 @@ def _build_stage(
     models = StageModels(student, teacher, reference, student_taps, teacher_taps, methods)
     if methods:
         x, y, index = unpack_batch(probe_batch, device)
+        needing_index = [m.name for m in methods if m.needs_index]
+        if needing_index and index is None:
+            raise UserError(
+                f"method {needing_index[0]!r} needs each sample's dataset index: make the "
+                "training loader yield (inputs, labels, index)"
+            )
         was_training = student.training
         student.eval()  # the probe must not move BN statistics
         with torch.no_grad():
             probe = forward_outputs(models, x, y, index)
         student.train(was_training)
+        context = StageContext(stage.epochs, num_samples, probe.student_logits.shape[1])
         for method in methods:
-            method.setup(probe)
+            method.setup(probe, context)
             method.to(device)
     return models, methods
 
@@ -245,8 +261,10 @@ def run_stages(
                 if state is not None and checkpoints is not None:
                     ref_model.load_state_dict(load_state_dict(checkpoints / f"stage{k}.pt"))
             torch.manual_seed(seed * 7919 + k)  # helpers' init does not depend on history
-            probe_batch = next(iter(eval_data))
-            models, methods = _build_stage(stage, student, teacher, ref_model, probe_batch, device)
+            probe_batch = next(iter(train_data))
+            models, methods = _build_stage(
+                stage, student, teacher, ref_model, probe_batch, device, _num_samples(train_data)
+            )
             objective = StageObjective(
                 stage.ce_weight,
                 [
@@ -272,6 +290,8 @@ def run_stages(
                     global_epoch += 1
                     bar.describe(k + 1, len(stages), stage.label, epoch + 1, stage.epochs)
                     _set_epoch(train_data, global_epoch)
+                    for method in methods:
+                        method.start_epoch(epoch, stage.epochs)
                     lr = optimizer.param_groups[0]["lr"]
                     epoch_started = time.perf_counter()
                     train = train_epoch(models, objective, train_data, optimizer, device, bar.step)

@@ -32,12 +32,14 @@ class ModelLayout:
     features: tuple[str, ...] = ()
     embedding: str | None = None
 
-    def role(self, role: str) -> str | None:
-        """Resolve a role name (``hint``, ``embedding``, ``last_feature``) to a tap."""
+    def role(self, role: str) -> str | list[str] | None:
+        """Resolve a role (``hint``, ``embedding``, ``last_feature``, ``features``) to taps."""
         if role == "embedding":
             return self.embedding
         if not self.features:
             return None
+        if role == "features":
+            return list(self.features)
         if role == "hint":
             # FitNets' hint is the teacher's middle layer (Romero et al. 2015, §3).
             return self.features[(len(self.features) - 1) // 2]

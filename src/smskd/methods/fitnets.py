@@ -7,7 +7,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from smskd.errors import UserError
-from smskd.methods.base import DistillMethod, Outputs
+from smskd.methods.base import DistillMethod, Outputs, StageContext
 
 
 class FitNets(DistillMethod):
@@ -31,6 +31,7 @@ class FitNets(DistillMethod):
     name = "fitnets"
     family = "feature"
     citation = "Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015"
+    helpers = "regressor: 1×1 conv (maps) or linear (vectors) when shapes differ"
     tap_roles: ClassVar[dict[str, tuple[str, str]]] = {
         "student_layer": ("student", "hint"),
         "teacher_layer": ("teacher", "hint"),
@@ -42,7 +43,7 @@ class FitNets(DistillMethod):
         self.teacher_layer = teacher_layer
         self.regressor: nn.Module = nn.Identity()
 
-    def setup(self, probe: Outputs) -> None:
+    def setup(self, probe: Outputs, context: StageContext) -> None:
         s = probe.student_features[self.student_layer]
         t = probe.teacher_features[self.teacher_layer]
         if s.shape[1:] == t.shape[1:]:

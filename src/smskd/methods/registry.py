@@ -75,7 +75,7 @@ def build_method(
         raise UserError(f"method {name!r}: {err}") from None
 
 
-def describe_methods() -> list[dict[str, str]]:
+def describe_methods() -> list[dict[str, object]]:
     """Rows for ``smskd methods``."""
     rows = []
     for cls in METHODS.values():
@@ -85,8 +85,9 @@ def describe_methods() -> list[dict[str, str]]:
                 "name": cls.name,
                 "family": cls.family,
                 "citation": cls.citation,
-                "taps": taps,
-                "default_weight": str(cls.default_weight),
+                "taps": taps + (", sample index" if cls.needs_index else ""),
+                "helpers": cls.helpers or "none",
+                "default_weight": cls.default_weight,
             }
         )
     return rows
