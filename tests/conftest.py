@@ -31,3 +31,10 @@ def teacher() -> ConvNet:
     torch.manual_seed(2)
     model = ConvNet(num_classes=3, in_channels=1, widths=(8, 16, 16))
     return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def live_teacher() -> ConvNet:
+    """A teacher as a user hands it over: train mode, gradients on. The pipeline must freeze it."""
+    torch.manual_seed(2)
+    return ConvNet(num_classes=3, in_channels=1, widths=(8, 16, 16))

@@ -55,11 +55,16 @@ def test_quickstart_writes_every_recipe_run(quickstart_dir: Path) -> None:
 
 
 def test_quickstart_rerun_reuses_finished_runs(quickstart_dir: Path) -> None:
-    before = (quickstart_dir / "smskd" / "student.pt").stat().st_mtime_ns
+    files = [
+        quickstart_dir / r / f
+        for r in ("teacher", "smskd")
+        for f in ("metrics.jsonl", "checkpoints/last.pt")
+    ]
+    before = [path.read_bytes() for path in files]
     proc = smskd("quickstart", "--out", str(quickstart_dir), "--no-progress", *SMALL)
     assert "| smskd |" in proc.stdout
-    assert (quickstart_dir / "smskd" / "metrics.jsonl").read_text().count("\n") == 3
-    assert (quickstart_dir / "smskd" / "student.pt").stat().st_mtime_ns >= before
+    # Nothing was trained again: logs and checkpoints are byte for byte the same.
+    assert [path.read_bytes() for path in files] == before
     changed = smskd(
         "quickstart",
         "--out",
@@ -162,3 +167,30 @@ def test_every_command_has_help_with_an_example(capsys) -> None:
 def test_missing_config_file_is_exit_code_2(tmp_path: Path, capsys) -> None:
     assert main(["distill", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_stage_errors_surface_before_the_teacher_trains(tmp_path: Path) -> None:
+    from smskd.config import load_config
+    from smskd.errors import UserError
+    from smskd.experiment import distill
+
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml", ["stages.1.methods.0.student_layer=nope"]
+    )
+    with pytest.raises(UserError, match="student has no module named 'nope'"):
+        distill(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing to clean up
+
+
+def test_bad_model_kwargs_are_a_user_error(tmp_path: Path) -> None:
+    proc = smskd(
+        "distill",
+        "configs/quickstart.yaml",
+        "--out",
+        str(tmp_path / "r"),
+        "--set",
+        "student.model.kwargs.widths=[8,16]",
+        check=False,
+    )
+    assert proc.returncode == 2 and "cannot be built" in proc.stderr
+    assert "Traceback" not in proc.stderr

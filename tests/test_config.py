@@ -163,3 +163,57 @@ def test_quickstart_yaml_is_the_quickstart_run() -> None:
     from smskd.quickstart import quickstart_config
 
     assert load_config(ROOT / "configs" / "quickstart.yaml") == quickstart_config()
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ({"name": "kd", "temperature": True}, "method 'kd' option 'temperature'"),
+        ({"name": "kd", "temperature": "4"}, "method 'kd' option 'temperature'"),
+        ({"name": "rkd", "angle_weight": float("inf")}, "method 'rkd' option 'angle_weight'"),
+        ({"name": "kd", "weight": float("nan")}, "weight"),
+    ],
+)
+def test_method_options_are_strictly_typed(method: dict, expected: str) -> None:
+    raw = base()
+    raw["stages"][0]["methods"] = [method]
+    assert expected in error_of(raw)
+
+
+def test_method_options_are_converted() -> None:
+    raw = base()
+    raw["stages"][0]["methods"] = [{"name": "kd", "temperature": 3}]
+    option = load_config(raw).stages[0].methods[0].options["temperature"]
+    assert option == 3.0 and isinstance(option, float)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"seed": 2**40}, "seed: Input should be less than"),
+        ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+        ({"reference": {"lam": float("inf")}}, "reference.lam"),
+        ({"teacher": {"modle": "convnet-m"}}, "unknown key 'teacher.modle'"),
+        ({"stages": [{"methods": ["kd", "kd"], "epochs": 1}]}, "'kd' appears twice"),
+        ({"stages": [{"ce_weight": 0, "epochs": 1}]}, "nothing to train"),
+        ({"stages": ["kd"]}, "stages.0"),
+    ],
+)
+def test_more_bad_values(change: dict, expected: str) -> None:
+    assert expected in error_of({**base(), **change})
+
+
+def test_override_into_a_value_is_a_clear_error() -> None:
+    with pytest.raises(UserError, match="holds a value, not a section"):
+        apply_override({"data": {"batch_size": 4}}, "data.batch_size.x=1")
+    with pytest.raises(UserError, match="holds a value, not a section"):
+        apply_override({"seed": 1}, "seed.x.y=1")
+
+
+def test_override_expands_name_shorthands() -> None:
+    raw = base()  # methods: ["kd"], student.model: "convnet-xs"
+    apply_override(raw, "stages.0.methods.0.temperature=2")
+    apply_override(raw, "student.model.kwargs.widths=[4,8,8]")
+    cfg = load_config(raw)
+    assert cfg.stages[0].methods[0].options == {"temperature": 2.0}
+    assert cfg.student.model.kwargs == {"widths": [4, 8, 8]}

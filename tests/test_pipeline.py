@@ -37,12 +37,12 @@ def references(monkeypatch) -> list[tuple[torch.nn.Module, dict, torch.nn.Module
 
 
 def test_stage_one_has_no_reference_and_later_stages_do(
-    student, teacher, tiny_data, references, tmp_path
+    student, live_teacher, tiny_data, references, tmp_path
 ) -> None:
     train, test = tiny_data
     result = run_stages(
         student,
-        teacher,
+        live_teacher,
         three_stages(),
         train,
         test,
@@ -58,12 +58,12 @@ def test_stage_one_has_no_reference_and_later_stages_do(
 
 
 def test_student_carried_across_stages_and_reference_is_previous_student(
-    student, teacher, tiny_data, references, tmp_path
+    student, live_teacher, tiny_data, references, tmp_path
 ) -> None:
     train, test = tiny_data
     result = run_stages(
         student,
-        teacher,
+        live_teacher,
         three_stages(),
         train,
         test,
@@ -74,6 +74,8 @@ def test_student_carried_across_stages_and_reference_is_previous_student(
     assert result.student is student
     for k, (reference, copied, source) in enumerate(references, start=1):
         assert source is student and reference is not student
+        # Made before the stage's taps: a copied hook would overwrite the student's features.
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in reference.modules())
         stage_end = safe_load(tmp_path / "checkpoints" / f"stage{k}.pt")
         # The reference of stage k+1 is the student as stage k left it, and it never moved.
         for key, value in reference.state_dict().items():
@@ -83,28 +85,34 @@ def test_student_carried_across_stages_and_reference_is_previous_student(
     assert any(not torch.equal(final[k], references[-1][1][k]) for k in final)
 
 
-def test_stage_owned_helpers_and_hooks_are_dropped(student, teacher, tiny_data) -> None:
+def test_stage_owned_helpers_and_hooks_are_dropped(student, live_teacher, tiny_data) -> None:
     train, test = tiny_data
     keys_before = set(student.state_dict())
-    run_stages(student, teacher, three_stages(), train, test, progress=False, log=lambda _: None)
+    run_stages(
+        student, live_teacher, three_stages(), train, test, progress=False, log=lambda _: None
+    )
     assert set(student.state_dict()) == keys_before  # no regressor left in the student
-    for module in list(student.modules()) + list(teacher.modules()):
+    for module in list(student.modules()) + list(live_teacher.modules()):
         assert not module._forward_hooks and not module._forward_pre_hooks
 
 
-def test_teacher_is_never_updated(student, teacher, tiny_data) -> None:
+def test_teacher_is_never_updated(student, live_teacher, tiny_data) -> None:
     train, test = tiny_data
+    teacher = live_teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    run_stages(student, teacher, three_stages(), train, test, progress=False, log=lambda _: None)
-    for key, value in teacher.state_dict().items():
+    run_stages(
+        student, live_teacher, three_stages(), train, test, progress=False, log=lambda _: None
+    )
+    for key, value in teacher.state_dict().items():  # BN running statistics included
         assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_weighting_none_builds_no_reference(student, teacher, tiny_data, references) -> None:
+def test_weighting_none_builds_no_reference(student, live_teacher, tiny_data, references) -> None:
     train, test = tiny_data
     result = run_stages(
         student,
-        teacher,
+        live_teacher,
         three_stages(),
         train,
         test,
@@ -117,19 +125,21 @@ def test_weighting_none_builds_no_reference(student, teacher, tiny_data, referen
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_method_works_inside_a_two_stage_run(name, student, teacher, tiny_data) -> None:
+def test_every_method_works_inside_a_two_stage_run(name, student, live_teacher, tiny_data):
     train, test = tiny_data
     stages = [Stage(methods=["kd"], epochs=1), Stage(methods=[name], epochs=1)]
-    result = run_stages(student, teacher, stages, train, test, progress=False, log=lambda _: None)
+    result = run_stages(
+        student, live_teacher, stages, train, test, progress=False, log=lambda _: None
+    )
     assert [r["stage"] for r in result.history] == [1, 2]
     assert f"train_{name}" in result.history[-1]
 
 
-def test_run_directory_contents(student, teacher, tiny_data, tmp_path) -> None:
+def test_run_directory_contents(student, live_teacher, tiny_data, tmp_path) -> None:
     train, test = tiny_data
     run_stages(
         student,
-        teacher,
+        live_teacher,
         three_stages(),
         train,
         test,
@@ -149,13 +159,15 @@ def test_run_directory_contents(student, teacher, tiny_data, tmp_path) -> None:
     ]
 
 
-def test_resume_after_a_crash_is_bit_identical(student, teacher, tiny_data, tmp_path, monkeypatch):
+def test_resume_after_a_crash_is_bit_identical(
+    student, live_teacher, tiny_data, tmp_path, monkeypatch
+):
     train, test = tiny_data
     initial = {k: v.clone() for k, v in student.state_dict().items()}
     stages = three_stages(epochs=2)
     reference_run = run_stages(
         student,
-        teacher,
+        live_teacher,
         stages,
         train,
         test,
@@ -180,7 +192,7 @@ def test_resume_after_a_crash_is_bit_identical(student, teacher, tiny_data, tmp_
         torch.manual_seed(123)  # the crashed process had another RNG history
         run_stages(
             student,
-            teacher,
+            live_teacher,
             stages,
             train,
             test,
@@ -194,7 +206,7 @@ def test_resume_after_a_crash_is_bit_identical(student, teacher, tiny_data, tmp_
     torch.manual_seed(999)
     resumed = run_stages(
         student,
-        teacher,
+        live_teacher,
         stages,
         train,
         test,
@@ -222,6 +234,85 @@ def test_methods_without_teacher_are_refused(student, tiny_data) -> None:
         )
 
 
-def test_empty_stage_list_is_refused(student, teacher, tiny_data) -> None:
+def test_empty_stage_list_is_refused(student, live_teacher, tiny_data) -> None:
     with pytest.raises(UserError, match="empty"):
-        run_stages(student, teacher, [], *tiny_data, progress=False)
+        run_stages(student, live_teacher, [], *tiny_data, progress=False)
+
+
+def test_crash_between_stages_still_resumes(
+    student, live_teacher, tiny_data, tmp_path, monkeypatch
+):
+    """Killed while writing the stage-end checkpoints, the run resumes into stage 2 and
+    rebuilds stage 2's reference from stage1.pt."""
+    train, test = tiny_data
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    stages = three_stages(epochs=2)
+    expected = run_stages(
+        student, live_teacher, stages, train, test, progress=False, log=lambda _: None
+    ).student.state_dict()
+    expected = {k: v.clone() for k, v in expected.items()}
+    student.load_state_dict(initial)
+    real_save = pipeline.atomic_save
+    saves = []
+
+    def dies_on_the_second_last_pt(obj, path):
+        saves.append(path.name)
+        if path.name == "last.pt" and saves.count("last.pt") == 2:
+            raise KeyboardInterrupt  # end of stage 1: stage1.pt written, last.pt not
+        real_save(obj, path)
+
+    monkeypatch.setattr(pipeline, "atomic_save", dies_on_the_second_last_pt)
+    with pytest.raises(KeyboardInterrupt):
+        run_stages(
+            student,
+            live_teacher,
+            stages,
+            train,
+            test,
+            out_dir=tmp_path,
+            progress=False,
+            log=lambda _: None,
+        )
+    assert saves == ["last.pt", "stage1.pt", "last.pt"]
+    monkeypatch.setattr(pipeline, "atomic_save", real_save)
+    student.load_state_dict(initial)
+    resumed = run_stages(
+        student,
+        live_teacher,
+        stages,
+        train,
+        test,
+        out_dir=tmp_path,
+        resume=True,
+        progress=False,
+        log=lambda _: None,
+    )
+    for key, value in resumed.student.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_failed_stage_build_leaves_no_hooks(student, live_teacher, tiny_data) -> None:
+    train, test = tiny_data
+    bad = [Stage(methods=[{"name": "fitnets", "teacher_layer": "nope"}], epochs=1)]
+    with pytest.raises(UserError, match="teacher has no module named 'nope'"):
+        run_stages(student, live_teacher, bad, train, test, progress=False, log=lambda _: None)
+    for module in list(student.modules()) + list(live_teacher.modules()):
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_tcp_weighting_without_teacher_is_refused_before_training(student, tiny_data) -> None:
+    stages = [Stage(epochs=1), Stage(epochs=1)]
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(UserError, match="no teacher was given"):
+        run_stages(student, None, stages, *tiny_data, progress=False, log=lambda _: None)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    fixed = run_stages(
+        student,
+        None,
+        stages,
+        *tiny_data,
+        progress=False,
+        log=lambda _: None,
+        reference=ReferenceConfig(weighting="fixed"),
+    )
+    assert "train_reference" in fixed.history[-1]

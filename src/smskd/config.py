@@ -26,7 +26,7 @@ from smskd.errors import UserError, choices
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _name_shorthand(value: Any) -> Any:
@@ -41,7 +41,7 @@ class MethodSpec(BaseModel):
     ``student_layer`` for ``fitnets``...), checked against its signature.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str
     weight: float | None = Field(default=None, ge=0)
@@ -92,6 +92,19 @@ class Stage(_Strict):
     ce_weight: float = Field(default=1.0, ge=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _trains_something(self) -> Stage:
+        names = [m.name for m in self.methods]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"method {repeated[0]!r} appears twice in one stage; give one entry (its "
+                "weight scales it) or put the copies in separate stages"
+            )
+        if not self.methods and self.ce_weight == 0:
+            raise ValueError("ce_weight is 0 and the stage has no methods: nothing to train")
+        return self
 
     @property
     def label(self) -> str:
@@ -175,7 +188,7 @@ class StudentConfig(_Strict):
 class RunConfig(_Strict):
     """A whole run: data, teacher, student, the stage list and the reference loss."""
 
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)
     device: str = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
@@ -250,16 +263,27 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         last = parts[-1]
         if isinstance(node, list):
             node[_index(node, last, key)] = value
-        else:
+        elif isinstance(node, dict):
             node[last] = value
+        else:
+            raise UserError(f"override {key!r}: {parts[-2]!r} holds a value, not a section")
 
 
 def _children(node: Any, part: str, key: str) -> list[Any]:
     if isinstance(node, list):
-        return list(node) if part == "*" else [node[_index(node, part, key)]]
-    if not isinstance(node, dict):
-        raise UserError(f"override {key!r}: {part!r} is inside a value, not a section")
-    return [node.setdefault(part, {})]
+        if part == "*":
+            children = list(node)
+        else:
+            i = _index(node, part, key)
+            node[i] = _name_shorthand(node[i])
+            children = [node[i]]
+    elif isinstance(node, dict):
+        # Descending into a shorthand ("model: convnet-xs") expands it to {"name": ...}.
+        node[part] = _name_shorthand(node.get(part, {}))
+        children = [node[part]]
+    else:
+        raise UserError(f"override {key!r}: the parent of {part!r} holds a value, not a section")
+    return children
 
 
 def _index(node: list[Any], part: str, key: str) -> int:
@@ -270,7 +294,9 @@ def _index(node: list[Any], part: str, key: str) -> int:
 
 def describe_error(model: type[BaseModel], err: ValidationError) -> str:
     """The first error, as ``key.path: what is wrong (valid keys/choices)``."""
-    first = err.errors()[0]
+    errors = err.errors()
+    # An unknown key explains more than the "missing" error it usually causes.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = [p for p in first["loc"] if p not in ("function-after", "function-before")]
     path = ".".join(str(p) for p in loc) or "(top level)"
     kind, msg = first["type"], first["msg"]

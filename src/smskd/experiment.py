@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from smskd.checkpoint import load_weights
-from smskd.config import ModelSpec, RunConfig, load_config
+from smskd.config import ModelSpec, RunConfig, load_config, validate
 from smskd.data.memory import ArrayDataset, InMemoryLoader
 from smskd.data.registry import load_dataset
 from smskd.engine import evaluate
 from smskd.errors import UserError
 from smskd.models.registry import build_model
-from smskd.pipeline import RunResult, resolve_device, run_stages
+from smskd.pipeline import RunResult, check_stages, resolve_device, run_stages
 
 TEACHER_WEIGHTS = "teacher.pt"
 
@@ -90,11 +90,11 @@ def train_teacher(
     teacher_cfg = cfg.model_copy(
         update={"teacher": cfg.teacher.model_copy(update={"checkpoint": None})}
     )
-    _claim_run_dir(out, teacher_cfg.to_yaml(), resume, force)
     device = resolve_device(cfg.device)
     data = prepare_data(cfg, device)
     torch.manual_seed(cfg.seed)
     teacher = make_model(cfg.teacher.model, data.dataset)
+    _claim_run_dir(out, teacher_cfg.to_yaml(), resume, force)
     result = run_stages(
         teacher,
         None,
@@ -127,6 +127,28 @@ def resolve_teacher(
     )
 
 
+def _models(cfg: RunConfig, dataset: ArrayDataset) -> tuple[nn.Module, nn.Module | None]:
+    """Student and teacher of ``cfg``, with the weights it names (if they exist yet)."""
+    torch.manual_seed(cfg.seed)
+    student = make_model(cfg.student.model, dataset)
+    if cfg.student.checkpoint is not None:
+        load_weights(student, cfg.student.checkpoint, "student")
+    teacher = None
+    if cfg.teacher is not None:
+        teacher = make_model(cfg.teacher.model, dataset)
+        if cfg.teacher.checkpoint is not None:
+            load_weights(teacher, cfg.teacher.checkpoint, "teacher")
+    return student, teacher
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Everything that can be checked without training, checked before any training:
+    data, models, checkpoints, and every stage's taps and helper shapes."""
+    data = prepare_data(cfg, torch.device("cpu"))
+    student, teacher = _models(cfg, data.dataset)
+    check_stages(student, teacher, cfg.stages, next(iter(data.train)), len(data.dataset.train))
+
+
 def distill(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -138,20 +160,14 @@ def distill(
 ) -> RunResult:
     """Run ``cfg.stages`` into ``out_dir`` (training the teacher first if none is given)."""
     out = Path(out_dir)
+    check_run(cfg)
     if force and out.exists():
         shutil.rmtree(out)
     cfg = resolve_teacher(cfg, out, resume=resume, force=False, progress=progress)
     _claim_run_dir(out, cfg.to_yaml(), resume, force=False)
     device = resolve_device(cfg.device)
     data = prepare_data(cfg, device)
-    torch.manual_seed(cfg.seed)
-    student = make_model(cfg.student.model, data.dataset)
-    if cfg.student.checkpoint is not None:
-        load_weights(student, cfg.student.checkpoint, "student")
-    teacher = None
-    if cfg.teacher is not None:
-        teacher = make_model(cfg.teacher.model, data.dataset)
-        load_weights(teacher, cfg.teacher.checkpoint, "teacher")
+    student, teacher = _models(cfg, data.dataset)
     return run_stages(
         student,
         teacher,
@@ -185,7 +201,7 @@ def evaluate_checkpoint(
         is_teacher = path.name == TEACHER_WEIGHTS and cfg.teacher is not None
         model_spec = cfg.teacher.model if is_teacher else cfg.student.model  # type: ignore[union-attr]
     else:
-        model_spec = ModelSpec(name=model_name)
+        model_spec = validate(ModelSpec, {"name": model_name}, "--model")
     data_name = dataset_name or (cfg.data.name if cfg else "digits")
     if root is None and cfg is not None:
         root = cfg.data.root

@@ -166,12 +166,55 @@ def _build_stage(
         for spec in stage.methods
     ]
     student_taps = FeatureTaps(student, [t for m in methods for t in m.student_taps()], "student")
-    teacher_taps = (
-        FeatureTaps(teacher, [t for m in methods for t in m.teacher_taps()], "teacher")
-        if teacher is not None
-        else None
-    )
+    try:
+        teacher_taps = (
+            FeatureTaps(teacher, [t for m in methods for t in m.teacher_taps()], "teacher")
+            if teacher is not None
+            else None
+        )
+    except BaseException:
+        student_taps.remove()
+        raise
     models = StageModels(student, teacher, reference, student_taps, teacher_taps, methods)
+    try:
+        _setup_methods(models, methods, stage, probe_batch, device, num_samples)
+    except BaseException:
+        _remove_taps(models)
+        raise
+    return models, methods
+
+
+def check_stages(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    stages: Sequence[Stage],
+    probe_batch: Any,
+    num_samples: int | None = None,
+) -> None:
+    """Build every stage once and drop it: bad tap names, shapes that no helper can
+    bridge and missing indices surface before any training, not after stage 1."""
+    device = next(student.parameters()).device
+    for stage in stages:
+        models, _ = _build_stage(stage, student, teacher, None, probe_batch, device, num_samples)
+        _remove_taps(models)
+
+
+def _remove_taps(models: StageModels) -> None:
+    for taps in (models.student_taps, models.teacher_taps):
+        if taps is not None:
+            taps.remove()
+
+
+def _setup_methods(
+    models: StageModels,
+    methods: list[DistillMethod],
+    stage: Stage,
+    probe_batch: Any,
+    device: torch.device,
+    num_samples: int | None,
+) -> None:
+    """Size each method's helpers from one probe forward (no grad, BN statistics kept)."""
+    student = models.student
     if methods:
         x, y, index = unpack_batch(probe_batch, device)
         needing_index = [m.name for m in methods if m.needs_index]
@@ -189,7 +232,34 @@ def _build_stage(
         for method in methods:
             method.setup(probe, context)
             method.to(device)
-    return models, methods
+
+
+def _training_state(
+    num_stages: int,
+    stage: int,
+    epoch: int,
+    global_epoch: int,
+    student: nn.Module,
+    methods: list[DistillMethod],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Everything a resume needs after ``epoch`` (completed) of ``stage`` (0-based)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "num_stages": num_stages,
+        "stage": stage,
+        "epoch": epoch,
+        "global_epoch": global_epoch,
+        "student": student.state_dict(),
+        "methods": [m.state_dict() for m in methods],
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+    }
 
 
 def run_stages(
@@ -217,6 +287,11 @@ def run_stages(
     if not stages:
         raise UserError("the stage list is empty: give at least one Stage")
     reference_cfg = reference or ReferenceConfig()
+    if teacher is None and len(stages) > 1 and reference_cfg.needs_teacher:
+        raise UserError(
+            f"reference weighting {reference_cfg.weighting!r} reads the teacher's true-class "
+            "probability, but no teacher was given; pass a teacher or use weighting 'fixed'"
+        )
     device = resolve_device(device)
     student.to(device)
     if teacher is not None:
@@ -232,7 +307,8 @@ def run_stages(
 
     start_stage, start_epoch, state = 0, 0, None
     if resume and checkpoints is not None and (checkpoints / "last.pt").exists():
-        state = safe_load(checkpoints / "last.pt", map_location=device)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict copies to the device.
+        state = safe_load(checkpoints / "last.pt", map_location="cpu")
         if state.get("num_stages") != len(stages):
             raise UserError(
                 f"cannot resume from {checkpoints / 'last.pt'}: it was written for "
@@ -314,35 +390,28 @@ def run_stages(
                         "test_loss": test["loss"],
                         "epoch_time": time.perf_counter() - epoch_started,
                     }
+                    # Metrics first: a resume drops records past its checkpoint, never misses one.
+                    metrics.log(record)
                     if checkpoints is not None:
+                        if epoch + 1 == stage.epochs:
+                            # Before last.pt: a resume in stage k+2 rebuilds its reference from it.
+                            atomic_save(student.state_dict(), checkpoints / f"stage{k + 1}.pt")
                         atomic_save(
-                            {
-                                "format": CHECKPOINT_FORMAT,
-                                "num_stages": len(stages),
-                                "stage": k,
-                                "epoch": epoch + 1,
-                                "global_epoch": global_epoch,
-                                "student": student.state_dict(),
-                                "methods": [m.state_dict() for m in methods],
-                                "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(),
-                                "rng": {
-                                    "torch": torch.get_rng_state(),
-                                    "cuda": torch.cuda.get_rng_state_all()
-                                    if torch.cuda.is_available()
-                                    else None,
-                                },
-                            },
+                            _training_state(
+                                len(stages),
+                                k,
+                                epoch + 1,
+                                global_epoch,
+                                student,
+                                methods,
+                                optimizer,
+                                scheduler,
+                            ),
                             checkpoints / "last.pt",
                         )
-                    metrics.log(record)
                     bar.epoch_done(train["loss"], test["acc"])
             finally:
-                for taps in (models.student_taps, models.teacher_taps):
-                    if taps is not None:
-                        taps.remove()
-            if checkpoints is not None:
-                atomic_save(student.state_dict(), checkpoints / f"stage{k + 1}.pt")
+                _remove_taps(models)
             stage_records = [r for r in metrics.records if r["stage"] == k + 1]
             if stage_records:
                 log(

@@ -28,16 +28,18 @@ def _options_model(cls: type[DistillMethod]) -> Any:
         default = None if name in cls.tap_roles else param.default
         annotation = hints[name] | None if name in cls.tap_roles else hints[name]
         fields[name] = (annotation, ... if default is inspect.Parameter.empty else default)
-    return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="forbid"), **fields)
+    # strict: `temperature: true` must not pass as 1.0 (ints still pass as floats).
+    config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    return create_model(f"{cls.__name__}Options", __config__=config, **fields)
 
 
 def validate_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Check a method name and its keyword options; return the options as given."""
+    """Check a method name and its keyword options; return them converted to their types."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid: {choices(METHODS)}")
     model = _options_model(METHODS[name])
     try:
-        model.model_validate(options)
+        validated = model.model_validate(options)
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
@@ -47,7 +49,7 @@ def validate_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
                 f"method {name!r} has no option {key!r}; valid options: {valid}"
             ) from None
         raise ValueError(f"method {name!r} option {key!r}: {first['msg']}") from None
-    return options
+    return validated.model_dump(exclude_unset=True)
 
 
 def build_method(

@@ -37,7 +37,7 @@ class RKD(DistillMethod):
     cosines of the angles of all triplets; Huber is smooth-L1 with δ = 1 averaged
     over all B² (resp. B³) entries. w_d = 25, w_a = 50 as in the paper's
     classification experiments (and RepDistiller). Defined over the batch, so
-    the loss is a scalar.
+    the loss is a scalar; a batch of one sample has no relations and gives 0.
     """
 
     name = "rkd"
@@ -66,6 +66,8 @@ class RKD(DistillMethod):
         t = out.teacher_features[self.teacher_layer].flatten(1).float()
         s = s.float()
         loss = s.new_zeros(())
+        if len(s) < 2:  # a lone sample has no relations (a loader's short last batch)
+            return loss
         if self.distance_weight:
             d = F.smooth_l1_loss(_normalized_distances(s), _normalized_distances(t))
             loss = loss + self.distance_weight * d

@@ -11,7 +11,7 @@ def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
+        nn.ReLU(),  # not in-place: a tap on the BN output must keep pre-ReLU values
     ]
     if pool:
         layers.append(nn.MaxPool2d(2))

@@ -40,8 +40,11 @@ def build_model(
         return MODELS[name].build(
             num_classes=num_classes, in_channels=in_channels, **(kwargs or {})
         )
-    except TypeError as err:
-        raise UserError(f"model {name!r}: bad kwargs ({err})") from None
+    except (TypeError, ValueError, IndexError, RuntimeError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(
+            f"model {name!r} cannot be built with kwargs {kwargs or {}}: {detail}"
+        ) from None
 
 
 def parameter_count(model: nn.Module) -> int:
