@@ -21,6 +21,15 @@ def tiny_data() -> tuple[DataLoader, DataLoader]:
 
 
 @pytest.fixture
+def indexed_data(tiny_data) -> tuple[DataLoader, DataLoader]:
+    """``tiny_data`` yielding ``(x, y, index)``, as every smskd dataset does (CRD needs it)."""
+    train, test = tiny_data
+    x, y = train.dataset.tensors
+    indexed = TensorDataset(x, y, torch.arange(len(y)))
+    return DataLoader(indexed, batch_size=train.batch_size), test
+
+
+@pytest.fixture
 def student() -> ConvNet:
     torch.manual_seed(1)
     return ConvNet(num_classes=3, in_channels=1, widths=(4, 8, 8))

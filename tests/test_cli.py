@@ -135,11 +135,11 @@ def test_train_teacher(tmp_path: Path) -> None:
 def test_listing_commands(capsys) -> None:
     assert main(["methods", "--format", "json"]) == 0
     methods = json.loads(capsys.readouterr().out)
-    assert {m["name"]: m["family"] for m in methods} == {
-        "kd": "response",
-        "fitnets": "feature",
-        "rkd": "relation",
-    }
+    families = {m["name"]: m["family"] for m in methods}
+    assert len(families) >= 15
+    assert {n for n, f in families.items() if f == "response"} >= {"kd", "dkd", "dist", "lskd"}
+    assert {n for n, f in families.items() if f == "feature"} >= {"fitnets", "at", "nst", "vid"}
+    assert {n for n, f in families.items() if f == "relation"} >= {"rkd", "sp", "pkt", "cc", "crd"}
     assert main(["models", "--format", "json", "--num-classes", "10", "--in-channels", "1"]) == 0
     models = {m["name"]: m["params"] for m in json.loads(capsys.readouterr().out)}
     # convnet-xs by hand: convs 1·8·9 + 8·16·9 + 16·32·9, BN 2·(8+16+32), fc 32·10 + 10.

@@ -61,7 +61,11 @@ def test_wrong_type_names_key_and_value() -> None:
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
-        (("stages", 0, "methods"), ["kdd"], "unknown method 'kdd'; valid: 'fitnets', 'kd', 'rkd'"),
+        (
+            ("stages", 0, "methods"),
+            ["kdd"],
+            "unknown method 'kdd'; valid: 'at', 'cc', 'crd', 'dist', 'dkd', 'fitnets'",
+        ),
         (("student", "model"), "resnet1000", "unknown model 'resnet1000'; valid: 'convnet-l'"),
         (("data",), {"name": "mnist"}, "unknown dataset 'mnist'; valid: 'digits'"),
         (("reference", "weighting"), "inverse", "reference.weighting"),

@@ -9,13 +9,31 @@ from typing import Any
 from pydantic import ConfigDict, ValidationError, create_model
 
 from smskd.errors import UserError, choices
-from smskd.methods.base import DistillMethod
-from smskd.methods.fitnets import FitNets
-from smskd.methods.kd import KD
-from smskd.methods.rkd import RKD
+from smskd.methods import (
+    AT,
+    CC,
+    CRD,
+    DIST,
+    DKD,
+    FT,
+    KD,
+    LSKD,
+    NST,
+    PKT,
+    RKD,
+    SP,
+    VID,
+    DistillMethod,
+    FitNets,
+    ReviewKD,
+)
 from smskd.taps import ModelLayout
 
-METHODS: dict[str, type[DistillMethod]] = {cls.name: cls for cls in (KD, FitNets, RKD)}
+# Listed by family: response, feature, relation.
+METHODS: dict[str, type[DistillMethod]] = {
+    cls.name: cls
+    for cls in (KD, DKD, DIST, LSKD, FitNets, AT, NST, VID, FT, ReviewKD, RKD, SP, PKT, CC, CRD)
+}
 
 
 def _options_model(cls: type[DistillMethod]) -> Any:

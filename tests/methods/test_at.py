@@ -1,0 +1,124 @@
+"""Attention transfer against values computed by hand on tiny feature maps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import smskd.methods.registry
+from smskd.config import ReferenceConfig, Stage
+from smskd.engine import StageObjective, step_loss
+from smskd.errors import UserError
+from smskd.methods.at import AT
+from smskd.methods.base import Outputs, StageContext
+from smskd.methods.registry import build_method
+from smskd.pipeline import _build_stage, run_stages
+from smskd.taps import ModelLayout
+
+CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)
+
+
+def outputs(student_feats: dict, teacher_feats: dict) -> Outputs:
+    batch = len(next(iter(student_feats.values())))
+    return Outputs(
+        student_logits=torch.zeros(batch, 2),
+        teacher_logits=torch.zeros(batch, 2),
+        labels=torch.zeros(batch, dtype=torch.long),
+        student_features=student_feats,
+        teacher_features=teacher_feats,
+    )
+
+
+def test_at_by_hand_with_unequal_channels_and_sizes() -> None:
+    # Pair 1, student: channels [1, 0] and [1, 2] → mean of squares Q = (1, 2) → (1, 2)/√5.
+    # Teacher: one channel [3, 3] → Q = (9, 9) → (1, 1)/√2.
+    # Mean of squared differences = (1 + 1 − 2·3/√10)/2 = 1 − 3/√10.
+    s1 = torch.tensor([[[[1.0, 0.0]], [[1.0, 2.0]]]])
+    t1 = torch.tensor([[[[3.0, 3.0]]]])
+    # Pair 2: the student's 2×4 map is average-pooled to the teacher's 1×2 *before* squaring:
+    # left 2×2 block (1, 3, 1, 3) → 2, right (0, 0, 2, 2) → 1; Q = (4, 1) → (4, 1)/√17.
+    # Teacher (1, 1) → (1, 1)/√2. Mean of squared differences = 1 − 5/√34.
+    s2 = torch.tensor([[[[1.0, 3.0, 0.0, 0.0], [1.0, 3.0, 2.0, 2.0]]]])
+    t2 = torch.tensor([[[[1.0, 1.0]]]])
+    # A second sample whose maps equal the teacher's attention pattern contributes 0.
+    out = outputs(
+        {"s1": torch.cat([s1, torch.ones_like(s1)]), "s2": torch.cat([s2, torch.ones_like(s2)])},
+        {"t1": torch.cat([t1, t1]), "t2": torch.cat([t2, t2])},
+    )
+    method = AT(["s1", "s2"], ["t1", "t2"])
+    method.setup(out, CONTEXT)
+    loss = method.loss(out)
+    assert loss.shape == (2,)
+    expected = (1 - 3 / math.sqrt(10)) + (1 - 5 / math.sqrt(34))
+    assert loss[0].item() == pytest.approx(expected, rel=1e-5)
+    assert loss[1].item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_at_zero_when_student_equals_teacher() -> None:
+    torch.manual_seed(0)
+    f = torch.randn(3, 4, 5, 5)
+    method = AT(["f"], ["f"])
+    assert method.loss(outputs({"f": f}, {"f": f})).abs().max().item() < 1e-7
+
+
+def test_at_unequal_lists_is_a_user_error_naming_both(monkeypatch) -> None:
+    monkeypatch.setitem(smskd.methods.registry.METHODS, "at", AT)
+    layout_s = ModelLayout(features=("a", "b"))
+    layout_t = ModelLayout(features=("x", "y", "z"))
+    with pytest.raises(UserError, match=r"\['a', 'b'\].*\['x', 'y', 'z'\]"):
+        build_method("at", {}, layout_s, layout_t)
+    with pytest.raises(ValueError, match="empty"):
+        AT([], [])
+
+
+def test_at_rejects_vectors_naming_both_modules() -> None:
+    method = AT(["fc"], ["block3"])
+    out = outputs({"fc": torch.ones(2, 4)}, {"block3": torch.ones(2, 8, 2, 2)})
+    with pytest.raises(UserError, match=r"'fc'.*\(4,\).*'block3'.*\(8, 2, 2\)"):
+        method.setup(out, CONTEXT)
+
+
+def test_at_gradient_reaches_student_tensor_only() -> None:
+    torch.manual_seed(0)
+    s = torch.randn(2, 3, 4, 4, requires_grad=True)
+    t = torch.randn(2, 5, 2, 2)
+    AT(["s"], ["t"]).loss(outputs({"s": s}, {"t": t})).sum().backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_at_training_step_leaves_teacher_unchanged(student, teacher, tiny_data, monkeypatch):
+    monkeypatch.setitem(smskd.methods.registry.METHODS, "at", AT)
+    train, test = tiny_data
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    stage = Stage(methods=["at"], epochs=1, ce_weight=0.0)
+    models, methods = _build_stage(
+        stage, student, teacher, None, next(iter(test)), torch.device("cpu")
+    )
+    assert methods[0].student_layers == ["block1", "block2", "block3"]
+    objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
+    x, y = next(iter(train))
+    student.train()
+    total, _ = step_loss(models, objective, x, y, None)
+    total.backward()
+    assert total.item() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not list(methods[0].parameters())  # AT has no helpers
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    models.student_taps.remove()
+    models.teacher_taps.remove()
+
+
+def test_at_in_two_stage_run(student, teacher, tiny_data, monkeypatch) -> None:
+    monkeypatch.setitem(smskd.methods.registry.METHODS, "at", AT)
+    train, test = (next(iter(loader)) for loader in tiny_data)  # one batch each keeps it fast
+    stages = [Stage(methods=["kd"], epochs=1), Stage(methods=["at"], epochs=1)]
+    result = run_stages(
+        student, teacher, stages, [train], [test], progress=False, log=lambda _: None
+    )
+    values = [r["train_at"] for r in result.history if "train_at" in r]
+    assert values and all(math.isfinite(v) for v in values)

@@ -1,0 +1,112 @@
+"""DIST against values computed by hand, and its place in a stage run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import smskd.methods.registry
+from smskd.config import ReferenceConfig, Stage
+from smskd.engine import StageObjective, step_loss
+from smskd.methods.base import Outputs
+from smskd.methods.dist import DIST
+from smskd.pipeline import _build_stage, run_stages
+
+# Probabilities (B = 2, C = 3); logits are their logs, so softmax at τ = 1 gives them back.
+STUDENT = [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]]
+TEACHER = [[0.6, 0.3, 0.1], [0.1, 0.5, 0.4]]
+
+# Inter-class: every row sums to 1, so its mean is 1/3; centered rows, in units of 1/30:
+# sample 0: student (5, −1, −4), teacher (8, −1, −7) → ρ = (40 + 1 + 28)/√(42·114)
+# sample 1: student (−4, −4, 8), teacher (−7, 5, 2) → ρ = (28 − 20 + 16)/√(96·78)
+INTER = 1 - (69 / math.sqrt(42 * 114) + 24 / math.sqrt(96 * 78)) / 2
+# Intra-class: with two samples each column's correlation is the sign of the product of
+# its changes: class 0 falls for both (+1), class 1 falls for the student and rises for
+# the teacher (−1), class 2 rises for both (+1).
+INTRA = 1 - (1 - 1 + 1) / 3
+
+
+def outputs(s_logits: torch.Tensor, t_logits: torch.Tensor) -> Outputs:
+    return Outputs(
+        student_logits=s_logits,
+        teacher_logits=t_logits,
+        labels=torch.zeros(len(s_logits), dtype=torch.long),
+    )
+
+
+def by_hand_outputs(scale: float = 1.0) -> Outputs:
+    return outputs(scale * torch.tensor(STUDENT).log(), scale * torch.tensor(TEACHER).log())
+
+
+def test_dist_by_hand() -> None:
+    loss = DIST(beta=1.0, gamma=1.0, temperature=1.0).loss(by_hand_outputs())
+    assert loss.dim() == 0
+    assert loss.item() == pytest.approx(INTER + INTRA, rel=1e-5)
+
+
+def test_dist_weights_and_temperature_by_hand() -> None:
+    # Logits 2·log p at τ = 2 give back the same probabilities; the loss gains τ² = 4.
+    inter_only = DIST(beta=1.0, gamma=0.0, temperature=2.0).loss(by_hand_outputs(2.0))
+    intra_only = DIST(beta=0.0, gamma=3.0, temperature=2.0).loss(by_hand_outputs(2.0))
+    assert inter_only.item() == pytest.approx(4 * INTER, rel=1e-5)
+    assert intra_only.item() == pytest.approx(4 * 3 * INTRA, rel=1e-5)
+
+
+def test_dist_defaults() -> None:
+    method = DIST()
+    assert (method.beta, method.gamma, method.temperature) == (1.0, 1.0, 4.0)
+    assert DIST.default_weight == 2.0
+
+
+def test_dist_zero_when_student_equals_teacher() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5)
+    assert DIST().loss(outputs(logits, logits)).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_dist_single_sample_batch_has_constant_intra_term() -> None:
+    s = torch.tensor([[1.0, 2.0, 0.0]], requires_grad=True)
+    loss = DIST(beta=0.0, gamma=1.0, temperature=1.0).loss(outputs(s, s.detach()))
+    assert loss.item() == pytest.approx(1.0)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 0.0}, {"beta": -1.0}, {"gamma": -1.0}])
+def test_dist_rejects_bad_options(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        DIST(**kwargs)
+
+
+def test_dist_gradients_reach_student_only(student, teacher, tiny_data, monkeypatch) -> None:
+    monkeypatch.setitem(smskd.methods.registry.METHODS, "dist", DIST)
+    train, test = tiny_data
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    stage = Stage(methods=["dist"], epochs=1, ce_weight=0.0)
+    models, methods = _build_stage(
+        stage, student, teacher, None, next(iter(test)), torch.device("cpu")
+    )
+    assert list(methods[0].parameters()) == []  # no helpers
+    objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
+    x, y = next(iter(train))
+    student.train()
+    total, _ = step_loss(models, objective, x, y, None)
+    total.backward()
+    assert total.item() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    models.student_taps.remove()
+    models.teacher_taps.remove()
+
+
+def test_dist_in_two_stage_run(student, teacher, tiny_data, monkeypatch) -> None:
+    monkeypatch.setitem(smskd.methods.registry.METHODS, "dist", DIST)
+    train, test = tiny_data
+    stages = [Stage(methods=["kd"], epochs=1), Stage(methods=["dist"], epochs=1)]
+    result = run_stages(student, teacher, stages, train, test, progress=False, log=lambda _: None)
+    last = result.history[-1]
+    assert last["stage"] == 2 and math.isfinite(last["train_dist"]) and last["train_dist"] > 0

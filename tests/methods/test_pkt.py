@@ -1,0 +1,124 @@
+"""Probabilistic knowledge transfer against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import smskd.methods.registry
+from smskd.config import ReferenceConfig, Stage
+from smskd.engine import StageObjective, step_loss
+from smskd.methods import Outputs
+from smskd.methods.pkt import PKT
+from smskd.pipeline import _build_stage, run_stages
+
+
+def outputs(student: torch.Tensor, teacher: torch.Tensor) -> Outputs:
+    b = len(student)
+    return Outputs(
+        student_logits=torch.zeros(b, 2),
+        teacher_logits=torch.zeros(b, 2),
+        labels=torch.zeros(b, dtype=torch.long),
+        student_features={"s": student},
+        teacher_features={"t": teacher},
+    )
+
+
+def test_pkt_by_hand() -> None:
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    teacher = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
+    # Teacher cosines: c12 = 1, c13 = c23 = 0 → K = (c + 1)/2 = 1, 1/2, 1/2.
+    # p_{·|1} = (2/3 for 2, 1/3 for 3); p_{·|2} = (2/3 for 1, 1/3 for 3); p_{·|3} = (1/2, 1/2).
+    # Student cosines: c12 = 0, c13 = c23 = 1/√2 → K = 1/2, a, a with a = (1 + 1/√2)/2.
+    # q_{·|1} = q_{·|2} = (1/2, a)/(1/2 + a); q_{·|3} = (1/2, 1/2) equals p_{·|3}: adds 0.
+    a = (1 + 1 / math.sqrt(2)) / 2
+    near, far = 0.5 / (0.5 + a), a / (0.5 + a)
+    row = 2 / 3 * math.log((2 / 3) / near) + 1 / 3 * math.log((1 / 3) / far)
+    loss = PKT("s", "t", eps=0.0).loss(outputs(student, teacher))
+    assert loss.dim() == 0
+    assert loss.item() == pytest.approx(2 * row, rel=1e-5)
+
+
+def test_pkt_default_eps_changes_little() -> None:
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    teacher = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
+    exact = PKT("s", "t", eps=0.0).loss(outputs(student, teacher)).item()
+    assert PKT("s", "t").loss(outputs(student, teacher)).item() == pytest.approx(exact, rel=1e-5)
+
+
+def test_pkt_eps_keeps_opposite_student_points_finite() -> None:
+    # Two samples: the teacher gives p_{2|1} = p_{1|2} = 1; the student's embeddings point
+    # in opposite directions, K = 0, so q = 0 and each row costs log((1 + ε)/ε).
+    student = torch.tensor([[1.0, 0.0], [-2.0, 0.0]])
+    teacher = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    loss = PKT("s", "t", eps=1e-7).loss(outputs(student, teacher))
+    assert loss.item() == pytest.approx(2 * math.log((1 + 1e-7) / 1e-7), rel=1e-5)
+
+
+def test_pkt_single_sample_batch_is_zero_not_nan() -> None:
+    loss = PKT("s", "t").loss(outputs(torch.ones(1, 3), torch.ones(1, 5)))
+    assert loss.item() == 0.0
+
+
+def test_pkt_zero_when_student_equals_teacher_up_to_scale() -> None:
+    torch.manual_seed(0)
+    feats = torch.randn(6, 4)
+    loss = PKT("s", "t").loss(outputs(2.5 * feats, feats))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pkt_defaults() -> None:
+    assert PKT.default_weight == pytest.approx(30000 / 4096)
+    assert PKT("s", "t").eps == 1e-7
+    with pytest.raises(ValueError):
+        PKT("s", "t", eps=-1.0)
+
+
+def test_pkt_gradient_reaches_student_features_only() -> None:
+    s = torch.tensor([[1.0, 0.5], [0.2, 1.0], [0.3, -0.3]], requires_grad=True)
+    t = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    PKT("s", "t").loss(outputs(s, t)).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_pkt_training_step_moves_student_not_teacher(
+    student, teacher, tiny_data, monkeypatch
+) -> None:
+    monkeypatch.setitem(smskd.methods.registry.METHODS, "pkt", PKT)
+    train, test = tiny_data
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    stage = Stage(methods=["pkt"], epochs=1, ce_weight=0.0)
+    models, methods = _build_stage(
+        stage, student, teacher, None, next(iter(test)), torch.device("cpu")
+    )
+    assert methods[0].student_layer == "fc:input" and methods[0].teacher_layer == "fc:input"
+    objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    x, y = next(iter(train))
+    student.train()
+    total, _ = step_loss(models, objective, x, y, None)
+    total.backward()
+    assert total.item() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert list(methods[0].parameters()) == []
+    optimizer.step()
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    models.student_taps.remove()
+    models.teacher_taps.remove()
+
+
+def test_pkt_in_two_stage_run(student, teacher, tiny_data, monkeypatch) -> None:
+    monkeypatch.setitem(smskd.methods.registry.METHODS, "pkt", PKT)
+    train, test = tiny_data
+    stages = [Stage(methods=["kd"], epochs=1), Stage(methods=["pkt"], epochs=1)]
+    result = run_stages(
+        student, teacher, stages, train, test, device="cpu", progress=False, log=lambda _: None
+    )
+    assert len(result.history) == 2
+    assert math.isfinite(result.history[1]["train_pkt"])
+    assert result.history[1]["train_pkt"] > 0

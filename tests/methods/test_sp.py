@@ -1,0 +1,136 @@
+"""Similarity-preserving KD against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import smskd.methods.registry
+from smskd.config import ReferenceConfig, Stage
+from smskd.engine import StageObjective, step_loss
+from smskd.methods import Outputs, StageContext
+from smskd.methods.sp import SP
+from smskd.pipeline import _build_stage, run_stages
+
+CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)
+
+
+def outputs(student: dict, teacher: dict) -> Outputs:
+    b = len(next(iter(student.values())))
+    return Outputs(
+        student_logits=torch.zeros(b, 2),
+        teacher_logits=torch.zeros(b, 2),
+        labels=torch.zeros(b, dtype=torch.long),
+        student_features=student,
+        teacher_features=teacher,
+    )
+
+
+# Student Q = [[1, 0], [0, 1]]: Q·Qᵀ = I, already row-normalized.
+# Teacher Q = [[1, 0], [1, 1]]: Q·Qᵀ = [[1, 1], [1, 2]] → rows (1, 1)/√2 and (1, 2)/√5.
+STUDENT_2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+TEACHER_2 = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+ROW_1 = (1 - 1 / math.sqrt(2)) ** 2 + (0 - 1 / math.sqrt(2)) ** 2
+ROW_2 = (0 - 1 / math.sqrt(5)) ** 2 + (1 - 2 / math.sqrt(5)) ** 2
+EXPECTED_2 = (ROW_1 + ROW_2) / 2**2
+
+
+def test_sp_by_hand() -> None:
+    loss = SP("s", "t").loss(outputs({"s": STUDENT_2}, {"t": TEACHER_2}))
+    assert loss.dim() == 0
+    assert loss.item() == pytest.approx(EXPECTED_2, rel=1e-5)
+
+
+def test_sp_flattens_maps_of_different_sizes_by_hand() -> None:
+    # The same rows as above, laid out as [B, C, H, W] maps of different sizes; the
+    # teacher's extra zero channel changes no dot product.
+    student = STUDENT_2.reshape(2, 2, 1, 1)
+    teacher = torch.cat([TEACHER_2, torch.zeros(2, 1)], dim=1).reshape(2, 1, 3, 1)
+    loss = SP("s", "t").loss(outputs({"s": student}, {"t": teacher}))
+    assert loss.item() == pytest.approx(EXPECTED_2, rel=1e-5)
+
+
+def test_sp_three_samples_by_hand() -> None:
+    # Student rows (1,0), (1,1), (0,2): Q·Qᵀ = [[1,1,0],[1,2,2],[0,2,4]].
+    # Teacher rows (1,0), (0,1), (0,1): Q·Qᵀ = [[1,0,0],[0,1,1],[0,1,1]].
+    s = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    g_s = [[1, 1, 0], [1, 2, 2], [0, 2, 4]]
+    g_t = [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
+    expected = 0.0
+    for row_s, row_t in zip(g_s, g_t, strict=True):
+        n_s = math.sqrt(sum(v * v for v in row_s))
+        n_t = math.sqrt(sum(v * v for v in row_t))
+        expected += sum((a / n_t - b / n_s) ** 2 for a, b in zip(row_t, row_s, strict=True))
+    loss = SP("s", "t").loss(outputs({"s": s}, {"t": t}))
+    assert loss.item() == pytest.approx(expected / 9, rel=1e-5)
+
+
+def test_sp_sums_over_layer_pairs() -> None:
+    method = SP(["s1", "s2"], ["t1", "t2"])
+    out = outputs({"s1": STUDENT_2, "s2": STUDENT_2}, {"t1": TEACHER_2, "t2": STUDENT_2})
+    assert method.student_taps() == ["s1", "s2"]
+    assert method.teacher_taps() == ["t1", "t2"]
+    assert method.loss(out).item() == pytest.approx(EXPECTED_2, rel=1e-5)
+
+
+def test_sp_rejects_unpaired_layers() -> None:
+    with pytest.raises(ValueError, match="pair up"):
+        SP(["a", "b"], ["c"])
+
+
+def test_sp_zero_when_student_equals_teacher_up_to_scale() -> None:
+    torch.manual_seed(0)
+    feats = torch.randn(5, 3, 2, 2)
+    loss = SP("s", "t").loss(outputs({"s": 3.0 * feats}, {"t": feats}))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sp_gradient_reaches_student_features_only() -> None:
+    s = torch.tensor([[1.0, 0.5], [0.2, 1.0], [0.3, 0.3]], requires_grad=True)
+    t = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    SP("s", "t").loss(outputs({"s": s}, {"t": t})).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_sp_training_step_moves_student_not_teacher(
+    student, teacher, tiny_data, monkeypatch
+) -> None:
+    monkeypatch.setitem(smskd.methods.registry.METHODS, "sp", SP)
+    train, test = tiny_data
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    stage = Stage(methods=["sp"], epochs=1, ce_weight=0.0)
+    models, methods = _build_stage(
+        stage, student, teacher, None, next(iter(test)), torch.device("cpu")
+    )
+    assert methods[0].student_layer == "block3" and methods[0].teacher_layer == "block3"
+    objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    x, y = next(iter(train))
+    student.train()
+    total, _ = step_loss(models, objective, x, y, None)
+    total.backward()
+    assert total.item() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert list(methods[0].parameters()) == []
+    optimizer.step()
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    models.student_taps.remove()
+    models.teacher_taps.remove()
+
+
+def test_sp_in_two_stage_run(student, teacher, tiny_data, monkeypatch) -> None:
+    monkeypatch.setitem(smskd.methods.registry.METHODS, "sp", SP)
+    train, test = tiny_data
+    stages = [Stage(methods=["kd"], epochs=1), Stage(methods=["sp"], epochs=1)]
+    result = run_stages(
+        student, teacher, stages, train, test, device="cpu", progress=False, log=lambda _: None
+    )
+    assert len(result.history) == 2
+    assert math.isfinite(result.history[1]["train_sp"])
+    assert result.history[1]["train_sp"] > 0
