@@ -129,22 +129,44 @@ class ReferenceConfig(_Strict):
         return self.weighting in ("inverse_tcp", "tcp")
 
 
-class ModelSpec(_Strict):
-    """A zoo model by name, with keyword arguments for its builder."""
+class TapLayoutConfig(_Strict):
+    """Default taps of a model that declares none: stage outputs and the embedding."""
 
-    name: str
+    features: list[str] = Field(default_factory=list)
+    embedding: str | None = None
+
+
+class ModelSpec(_Strict):
+    """A model: a zoo ``name`` (or ``torchvision/<arch>``, ``timm/<arch>``), or a
+    ``factory: "package.module:function"``; ``kwargs`` go to its builder; ``taps``
+    names its stage outputs for the feature methods' defaults."""
+
+    name: str | None = None
+    factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    taps: TapLayoutConfig | None = None
 
     _wrap = model_validator(mode="before")(_name_shorthand)
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        from smskd.models.registry import MODELS
+    @model_validator(mode="after")
+    def _known(self) -> ModelSpec:
+        from smskd.models.adapters import resolve_factory
+        from smskd.models.registry import check_model_name
 
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}; valid: {choices(MODELS)}")
-        return name
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'name' (a zoo model) or 'factory'")
+        if self.name is not None:
+            check_model_name(self.name)
+        else:
+            try:
+                resolve_factory(self.factory)
+            except UserError as err:
+                raise ValueError(str(err)) from None
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.factory or "?"
 
 
 class DataConfig(_Strict):

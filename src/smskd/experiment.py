@@ -21,8 +21,9 @@ from smskd.data.memory import ArrayDataset, InMemoryLoader
 from smskd.data.registry import load_dataset
 from smskd.engine import evaluate
 from smskd.errors import UserError
-from smskd.models.registry import build_model
+from smskd.models.registry import build_from_factory, build_model
 from smskd.pipeline import RunResult, check_stages, resolve_device, run_stages
+from smskd.taps import ModelLayout
 
 TEACHER_WEIGHTS = "teacher.pt"
 
@@ -52,7 +53,16 @@ def prepare_data(cfg: RunConfig, device: torch.device) -> Data:
 
 
 def make_model(spec: ModelSpec, dataset: ArrayDataset) -> nn.Module:
-    return build_model(spec.name, dataset.num_classes, dataset.in_channels, spec.kwargs)
+    if spec.factory is not None:
+        model = build_from_factory(
+            spec.factory, dataset.num_classes, dataset.in_channels, spec.kwargs
+        )
+    else:
+        model = build_model(spec.name, dataset.num_classes, dataset.in_channels, spec.kwargs)
+    if spec.taps is not None:
+        # The config's taps win over the model's own defaults.
+        model.tap_layout = ModelLayout(tuple(spec.taps.features), spec.taps.embedding)
+    return model
 
 
 def _claim_run_dir(out: Path, cfg_yaml: str, resume: bool, force: bool) -> None:

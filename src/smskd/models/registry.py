@@ -10,6 +10,13 @@ from typing import Any
 from torch import nn
 
 from smskd.errors import UserError, choices
+from smskd.models.adapters import (
+    EXTERNAL_PREFIXES,
+    build_external,
+    call_builder,
+    check_external,
+    resolve_factory,
+)
 from smskd.models.convnet import ConvNet
 
 
@@ -31,20 +38,42 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+def check_model_name(name: str) -> None:
+    """Raise ValueError (for config validation) unless ``name`` can be built here."""
+    if name.startswith(EXTERNAL_PREFIXES):
+        check_external(name)
+    elif name not in MODELS:
+        raise ValueError(
+            f"unknown model {name!r}; valid: {choices(MODELS)}, or torchvision/<arch>, "
+            "timm/<arch>, or factory: 'package.module:function'"
+        )
+
+
 def build_model(
     name: str, num_classes: int, in_channels: int, kwargs: dict[str, Any] | None = None
 ) -> nn.Module:
-    if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; valid: {choices(MODELS)}")
+    """A zoo model, or ``torchvision/<arch>`` / ``timm/<arch>`` when installed."""
+    if name.startswith(EXTERNAL_PREFIXES):
+        return build_external(name, num_classes, in_channels, kwargs or {})
     try:
-        return MODELS[name].build(
-            num_classes=num_classes, in_channels=in_channels, **(kwargs or {})
-        )
-    except (TypeError, ValueError, IndexError, RuntimeError) as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(
-            f"model {name!r} cannot be built with kwargs {kwargs or {}}: {detail}"
-        ) from None
+        check_model_name(name)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return call_builder(
+        MODELS[name].build, f"model {name!r}", num_classes, in_channels, kwargs or {}
+    )
+
+
+def build_from_factory(
+    factory: str, num_classes: int, in_channels: int, kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    return call_builder(
+        resolve_factory(factory),
+        f"model factory {factory!r}",
+        num_classes,
+        in_channels,
+        kwargs or {},
+    )
 
 
 def parameter_count(model: nn.Module) -> int:
