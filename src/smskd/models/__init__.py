@@ -1,5 +1,5 @@
-"""Model zoo: plain ``nn.Module``s whose features are reached by taps."""
+"""Model zoo: plain ``nn.Module``s whose features are reached by taps.
 
-from smskd.models.registry import MODELS, build_model
-
-__all__ = ["MODELS", "build_model"]
+Import :mod:`smskd.models.registry` for ``MODELS`` / ``build_model``; this package
+init stays empty so that the registry can import the model modules.
+"""

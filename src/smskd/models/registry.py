@@ -10,6 +10,14 @@ from typing import Any
 from torch import nn
 
 from smskd.errors import UserError, choices
+from smskd.models import (
+    mobilenetv2,
+    resnet_cifar,
+    resnet_imagenet_style,
+    shufflenet,
+    vgg,
+    wrn,
+)
 from smskd.models.adapters import (
     EXTERNAL_PREFIXES,
     build_external,
@@ -26,15 +34,28 @@ class ModelEntry:
     description: str
 
 
+_SMALL: dict[str, tuple[Callable[..., nn.Module], str]] = {
+    "convnet-xs": (
+        partial(ConvNet, widths=(8, 16, 32)),
+        "3-stage CNN for 8×8/28×28, widths 8/16/32",
+    ),
+    "convnet-s": (partial(ConvNet, widths=(16, 32, 64)), "3-stage CNN for 8×8/28×28, 16/32/64"),
+    "convnet-m": (partial(ConvNet, widths=(32, 64, 128)), "3-stage CNN for 8×8/28×28, 32/64/128"),
+    "convnet-l": (partial(ConvNet, widths=(64, 128, 256)), "3-stage CNN for 8×8/28×28, 64/128/256"),
+}
+
 MODELS: dict[str, ModelEntry] = {
-    "convnet-xs": ModelEntry(partial(ConvNet, widths=(8, 16, 32)), "3-stage CNN, widths 8/16/32"),
-    "convnet-s": ModelEntry(partial(ConvNet, widths=(16, 32, 64)), "3-stage CNN, widths 16/32/64"),
-    "convnet-m": ModelEntry(
-        partial(ConvNet, widths=(32, 64, 128)), "3-stage CNN, widths 32/64/128"
-    ),
-    "convnet-l": ModelEntry(
-        partial(ConvNet, widths=(64, 128, 256)), "3-stage CNN, widths 64/128/256"
-    ),
+    name: ModelEntry(build, description)
+    for zoo in (
+        _SMALL,
+        resnet_cifar.ZOO,
+        wrn.ZOO,
+        vgg.ZOO,
+        mobilenetv2.ZOO,
+        shufflenet.ZOO,
+        resnet_imagenet_style.ZOO,
+    )
+    for name, (build, description) in zoo.items()
 }
 
 
