@@ -67,7 +67,11 @@ def test_wrong_type_names_key_and_value() -> None:
             "unknown method 'kdd'; valid: 'at', 'cc', 'crd', 'dist', 'dkd', 'fitnets'",
         ),
         (("student", "model"), "resnet1000", "unknown model 'resnet1000'; valid: 'convnet-l'"),
-        (("data",), {"name": "mnist"}, "unknown dataset 'mnist'; valid: 'digits'"),
+        (
+            ("data",),
+            {"name": "mnist"},
+            "unknown dataset 'mnist'; valid: 'cifar10', 'cifar100', 'digits', 'fashion-mnist'",
+        ),
         (("reference", "weighting"), "inverse", "reference.weighting"),
         (("stages", 0, "epochs"), -1, "stages.0.epochs: Input should be greater than 0"),
     ],

@@ -62,5 +62,5 @@ def test_loader_normalizes_and_reshuffles_per_epoch() -> None:
 
 
 def test_unknown_dataset() -> None:
-    with pytest.raises(UserError, match="valid: 'digits'"):
+    with pytest.raises(UserError, match="valid: 'cifar10', 'cifar100', 'digits'"):
         load_dataset("imagenet")

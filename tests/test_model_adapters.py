@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from smskd.config import ModelSpec, load_config
-from smskd.data.registry import load_dataset
 from smskd.errors import UserError
-from smskd.experiment import distill, make_model
+from smskd.experiment import distill, make_model, prepare_data
 from smskd.taps import ModelLayout
 
 FACTORY = textwrap.dedent(
@@ -64,7 +63,7 @@ def test_factory_student_with_config_taps_runs_smskd(user_module: str, tmp_path:
     assert all(math.isfinite(r["train_loss"]) for r in result.history)
     weights = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
     assert weights["2.weight"].shape == (12, 6, 3, 3)  # width=6 reached the factory
-    student = make_model(cfg.student.model, load_dataset("digits"))
+    student = make_model(cfg.student.model, prepare_data(cfg.data, 0, torch.device("cpu")))
     assert student.tap_layout == ModelLayout(("1", "3"), "6:input")
     assert student.tap_layout.role("hint") == "1"
 

@@ -50,7 +50,8 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace):
     from smskd.config import load_config
 
-    return load_config(args.config, args.set)
+    download = ["data.download=true"] if args.download else []
+    return load_config(args.config, [*args.set, *download])
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> None:
@@ -156,6 +157,11 @@ def _parser() -> argparse.ArgumentParser:
             default=[],
             metavar="KEY=VALUE",
             help="override a config key, e.g. stages.*.epochs=5 (repeatable)",
+        )
+        p.add_argument(
+            "--download",
+            action="store_true",
+            help="fetch the dataset first if it is missing (cifar10/100, fashion-mnist)",
         )
         p.add_argument(
             "--resume",

@@ -169,11 +169,32 @@ class ModelSpec(_Strict):
         return self.name or self.factory or "?"
 
 
+class AugmentConfig(_Strict):
+    """Training augmentation: random crop after zero padding, random horizontal flip."""
+
+    crop_padding: int = Field(default=4, ge=0)
+    flip: bool = True
+
+
 class DataConfig(_Strict):
+    """The dataset and how batches are made.
+
+    ``augment``: null = the dataset's default (crop+flip for CIFAR and image folders,
+    none for digits and Fashion-MNIST), false = none, or an explicit setting.
+    ``options`` go to the dataset's loader (``labels: coarse`` for cifar100; ``size``,
+    ``channels``, ``in_memory`` for image-folder). ``train_subset`` trains on a fixed,
+    class-stratified subset of that many training images (the test split is whole).
+    """
+
     name: str = "digits"
     root: str | None = None
     batch_size: int = Field(default=64, gt=0)
     eval_batch_size: int = Field(default=512, gt=0)
+    augment: AugmentConfig | bool | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    train_subset: int | None = Field(default=None, gt=0)
+    download: bool = False
+    num_workers: int = Field(default=2, ge=0)  # image-folder DataLoader workers
 
     _wrap = model_validator(mode="before")(_name_shorthand)
 
@@ -185,6 +206,13 @@ class DataConfig(_Strict):
         if name not in DATASETS:
             raise ValueError(f"unknown dataset {name!r}; valid: {choices(DATASETS)}")
         return name
+
+    @model_validator(mode="after")
+    def _known_options(self) -> DataConfig:
+        from smskd.data.registry import check_options
+
+        check_options(self.name, self.options)
+        return self
 
 
 class TeacherConfig(_Strict):

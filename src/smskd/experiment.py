@@ -9,16 +9,21 @@ weights (``student.pt``, or ``teacher.pt`` for a teacher run).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 
 from smskd.checkpoint import load_weights
-from smskd.config import ModelSpec, RunConfig, load_config, validate
-from smskd.data.memory import ArrayDataset, InMemoryLoader
-from smskd.data.registry import load_dataset
+from smskd.config import AugmentConfig, DataConfig, ModelSpec, RunConfig, load_config, validate
+from smskd.data.augment import Augment
+from smskd.data.download import download
+from smskd.data.image_folder import ImageFolderSource
+from smskd.data.memory import InMemoryLoader, stratified_subset
+from smskd.data.registry import DATASETS, load_dataset
 from smskd.engine import evaluate
 from smskd.errors import UserError
 from smskd.models.registry import build_from_factory, build_model
@@ -30,35 +35,85 @@ TEACHER_WEIGHTS = "teacher.pt"
 
 @dataclass
 class Data:
-    dataset: ArrayDataset
-    train: InMemoryLoader
-    test: InMemoryLoader
+    """Batches for training and testing, and what the models must fit."""
+
+    train: Iterable
+    test: Iterable
+    num_classes: int
+    in_channels: int
+    num_train: int
 
 
-def prepare_data(cfg: RunConfig, device: torch.device) -> Data:
-    dataset = load_dataset(cfg.data.name, cfg.data.root)
+def _augment(setting: AugmentConfig | bool | None, default: Augment | None) -> Augment | None:
+    if setting is None:
+        return default
+    if setting is False:
+        return None
+    if setting is True:
+        return default or Augment()
+    return Augment(setting.crop_padding, setting.flip)
+
+
+def prepare_data(
+    cfg: DataConfig, seed: int, device: torch.device, rank: int = 0, world_size: int = 1
+) -> Data:
+    """Loaders for ``cfg``: in-memory batches, or a per-image DataLoader for folders."""
+    entry = DATASETS[cfg.name]
+    root = cfg.root
+    if cfg.download:
+        if entry.download_root is None:
+            raise UserError(f"dataset {cfg.name!r} cannot be downloaded; pass data.root")
+        root = str(download(cfg.name, root or entry.download_root()))
+    source = load_dataset(cfg.name, root, **cfg.options)
+    augment = _augment(cfg.augment, entry.augment)
+    if isinstance(source, ImageFolderSource):
+        return _folder_loaders(cfg, source, augment, seed, rank, world_size)
+    train_split = source.train
+    if cfg.train_subset is not None:
+        train_split = stratified_subset(train_split, cfg.train_subset, seed=0)
+    shards = {"rank": rank, "world_size": world_size}
     train = InMemoryLoader(
-        dataset.train,
-        dataset,
-        cfg.data.batch_size,
+        train_split,
+        source,
+        cfg.batch_size,
         shuffle=True,
-        seed=cfg.seed,
+        seed=seed,
         drop_last=True,
         device=device,
+        augment=augment,
+        **shards,
     )
     test = InMemoryLoader(
-        dataset.test, dataset, cfg.data.eval_batch_size, shuffle=False, device=device
+        source.test, source, cfg.eval_batch_size, shuffle=False, device=device, **shards
     )
-    return Data(dataset, train, test)
+    return Data(train, test, source.num_classes, source.in_channels, len(train_split))
 
 
-def make_model(spec: ModelSpec, dataset: ArrayDataset) -> nn.Module:
+def _folder_loaders(
+    cfg: DataConfig,
+    source: ImageFolderSource,
+    augment: Augment | None,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> Data:
+    if cfg.train_subset is not None:
+        raise UserError("data.train_subset works for in-memory datasets; use in_memory: true")
+    train_set = source.dataset("train", augment, seed)
+    test_set = source.dataset("val", None, seed)
+    # DistributedSampler also for one process: its set_epoch gives each epoch its order.
+    sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed)
+    workers = {"num_workers": cfg.num_workers, "persistent_workers": False}
+    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, **workers)
+    test = DataLoader(test_set, cfg.eval_batch_size, shuffle=False, **workers)
+    return Data(train, test, source.num_classes, source.in_channels, len(train_set))
+
+
+def make_model(spec: ModelSpec, data: Data) -> nn.Module:
     if spec.factory is not None:
-        model = build_from_factory(
-            spec.factory, dataset.num_classes, dataset.in_channels, spec.kwargs
-        )
+        model = build_from_factory(spec.factory, data.num_classes, data.in_channels, spec.kwargs)
     else:
-        model = build_model(spec.name, dataset.num_classes, dataset.in_channels, spec.kwargs)
+        model = build_model(spec.name, data.num_classes, data.in_channels, spec.kwargs)
     if spec.taps is not None:
         # The config's taps win over the model's own defaults.
         model.tap_layout = ModelLayout(tuple(spec.taps.features), spec.taps.embedding)
@@ -101,9 +156,9 @@ def train_teacher(
         update={"teacher": cfg.teacher.model_copy(update={"checkpoint": None})}
     )
     device = resolve_device(cfg.device)
-    data = prepare_data(cfg, device)
+    data = prepare_data(cfg.data, cfg.seed, device)
     torch.manual_seed(cfg.seed)
-    teacher = make_model(cfg.teacher.model, data.dataset)
+    teacher = make_model(cfg.teacher.model, data)
     _claim_run_dir(out, teacher_cfg.to_yaml(), resume, force)
     result = run_stages(
         teacher,
@@ -137,15 +192,15 @@ def resolve_teacher(
     )
 
 
-def _models(cfg: RunConfig, dataset: ArrayDataset) -> tuple[nn.Module, nn.Module | None]:
+def _models(cfg: RunConfig, data: Data) -> tuple[nn.Module, nn.Module | None]:
     """Student and teacher of ``cfg``, with the weights it names (if they exist yet)."""
     torch.manual_seed(cfg.seed)
-    student = make_model(cfg.student.model, dataset)
+    student = make_model(cfg.student.model, data)
     if cfg.student.checkpoint is not None:
         load_weights(student, cfg.student.checkpoint, "student")
     teacher = None
     if cfg.teacher is not None:
-        teacher = make_model(cfg.teacher.model, dataset)
+        teacher = make_model(cfg.teacher.model, data)
         if cfg.teacher.checkpoint is not None:
             load_weights(teacher, cfg.teacher.checkpoint, "teacher")
     return student, teacher
@@ -154,9 +209,9 @@ def _models(cfg: RunConfig, dataset: ArrayDataset) -> tuple[nn.Module, nn.Module
 def check_run(cfg: RunConfig) -> None:
     """Everything that can be checked without training, checked before any training:
     data, models, checkpoints, and every stage's taps and helper shapes."""
-    data = prepare_data(cfg, torch.device("cpu"))
-    student, teacher = _models(cfg, data.dataset)
-    check_stages(student, teacher, cfg.stages, next(iter(data.train)), len(data.dataset.train))
+    data = prepare_data(cfg.data, cfg.seed, torch.device("cpu"))
+    student, teacher = _models(cfg, data)
+    check_stages(student, teacher, cfg.stages, next(iter(data.train)), data.num_train)
 
 
 def distill(
@@ -176,8 +231,8 @@ def distill(
     cfg = resolve_teacher(cfg, out, resume=resume, force=False, progress=progress)
     _claim_run_dir(out, cfg.to_yaml(), resume, force=False)
     device = resolve_device(cfg.device)
-    data = prepare_data(cfg, device)
-    student, teacher = _models(cfg, data.dataset)
+    data = prepare_data(cfg.data, cfg.seed, device)
+    student, teacher = _models(cfg, data)
     return run_stages(
         student,
         teacher,
@@ -212,12 +267,12 @@ def evaluate_checkpoint(
         model_spec = cfg.teacher.model if is_teacher else cfg.student.model  # type: ignore[union-attr]
     else:
         model_spec = validate(ModelSpec, {"name": model_name}, "--model")
-    data_name = dataset_name or (cfg.data.name if cfg else "digits")
-    if root is None and cfg is not None:
-        root = cfg.data.root
-    dataset = load_dataset(data_name, root)
+    if cfg is not None and dataset_name in (None, cfg.data.name):
+        data_cfg = cfg.data if root is None else cfg.data.model_copy(update={"root": root})
+    else:
+        data_cfg = validate(DataConfig, {"name": dataset_name or "digits", "root": root}, "--data")
     resolved = resolve_device(device)
-    model = make_model(model_spec, dataset)
+    data = prepare_data(data_cfg, cfg.seed if cfg else 0, resolved)
+    model = make_model(model_spec, data)
     load_weights(model, path)
-    loader = InMemoryLoader(dataset.test, dataset, 512, shuffle=False, device=resolved)
-    return evaluate(model.to(resolved), loader, resolved)
+    return evaluate(model.to(resolved), data.test, resolved)

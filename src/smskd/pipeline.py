@@ -97,12 +97,14 @@ def build_scheduler(
 
 
 def _set_epoch(batches: Iterable, epoch: int) -> None:
-    """Reshuffle for ``epoch`` the way ``DistributedSampler`` does, if the loader can."""
-    owners = (batches, getattr(batches, "sampler", None), getattr(batches, "batch_sampler", None))
+    """Give every part of a loader that can reshuffle or re-augment the epoch number
+    (our loader; a DataLoader's sampler and dataset), as with ``DistributedSampler``."""
+    owners = [batches]
+    for attribute in ("sampler", "batch_sampler", "dataset"):
+        owners.append(getattr(batches, attribute, None))
     for owner in owners:
         if owner is not None and hasattr(owner, "set_epoch"):
             owner.set_epoch(epoch)
-            return
 
 
 class _Progress:

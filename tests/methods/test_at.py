@@ -122,3 +122,52 @@ def test_at_in_two_stage_run(student, teacher, tiny_data, monkeypatch) -> None:
     )
     values = [r["train_at"] for r in result.history if "train_at" in r]
     assert values and all(math.isfinite(v) for v in values)
+
+
+def test_at_takes_absolute_values_before_the_power() -> None:
+    # p = 1. Student channels (−1, 2) and (3, −2) → |f| = (1, 2), (3, 2) → Q = (2, 2) → (1, 1)/√2.
+    # Teacher (0, −4) → Q = (0, 4) → (0, 1). Mean of squares: (½ + (1 − 1/√2)²)/2 = 1 − 1/√2.
+    # (Without abs: Q_s = (1, 0), Q_t = (0, −1) → 1.)
+    s = torch.tensor([[[[-1.0, 2.0]], [[3.0, -2.0]]]])
+    t = torch.tensor([[[[0.0, -4.0]]]])
+    loss = AT(["s"], ["t"], p=1.0).loss(outputs({"s": s}, {"t": t}))
+    assert loss.item() == pytest.approx(1 - 1 / math.sqrt(2), rel=1e-6)
+    # p = 3. Student (−1, 2) → (1, 8)/√65; teacher (2, −1) → (8, 1)/√65; diffs ±7/√65 → 49/65.
+    # (Without abs: (−1, 8) against (8, −1) → 81/65.)
+    s3 = torch.tensor([[[[-1.0, 2.0]]]])
+    t3 = torch.tensor([[[[2.0, -1.0]]]])
+    loss3 = AT(["s"], ["t"], p=3.0).loss(outputs({"s": s3}, {"t": t3}))
+    assert loss3.item() == pytest.approx(49 / 65, rel=1e-6)
+
+
+def test_at_pools_the_teachers_map_when_it_is_the_larger() -> None:
+    # Teacher 2×4 map pooled to the student's 1×2 before squaring: left block (−1, 3, −1, 3)
+    # → 1, right block (2, 2, 2, 2) → 2; Q_t = (1, 4)/√17. (Squaring first would give 5, 4.)
+    # Student (2, 1) → Q_s = (4, 1)/√17. Q_s·Q_t = 8/17 → mean of squares (2 − 16/17)/2 = 9/17.
+    s = torch.tensor([[[[2.0, 1.0]]]])
+    t = torch.tensor([[[[-1.0, 3.0, 2.0, 2.0], [-1.0, 3.0, 2.0, 2.0]]]])
+    out = outputs({"s": s}, {"t": t})
+    method = AT(["s"], ["t"])
+    method.setup(out, CONTEXT)
+    assert method.loss(out).item() == pytest.approx(9 / 17, rel=1e-6)
+
+
+def test_at_requires_p_of_at_least_one() -> None:
+    with pytest.raises(ValueError, match="p must be >= 1"):
+        AT(["s"], ["t"], p=0.5)
+    s = torch.tensor([[[[0.0, 1.0], [2.0, 0.0]]]], requires_grad=True)  # exact zeros, as ReLU
+    t = torch.tensor([[[[1.0, 1.0], [0.0, 3.0]]]])
+    AT(["s"], ["t"], p=1.0).loss(outputs({"s": s}, {"t": t})).sum().backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_at_refuses_a_pair_that_pools_to_one_position() -> None:
+    out = outputs(
+        {"a": torch.ones(2, 4, 4, 4), "b": torch.ones(2, 4, 1, 4)},
+        {"x": torch.ones(2, 8, 1, 1), "y": torch.ones(2, 8, 4, 1)},
+    )
+    with pytest.raises(UserError, match=r"'a'.*\(4, 4, 4\).*'x'.*\(8, 1, 1\).*single position"):
+        AT(["a"], ["x"]).setup(out, CONTEXT)
+    with pytest.raises(UserError, match="single position"):  # 1×4 against 4×1 → 1×1
+        AT(["b"], ["y"]).setup(out, CONTEXT)
+    AT(["a"], ["y"]).setup(out, CONTEXT)  # 4×1 positions: accepted

@@ -111,7 +111,10 @@ def test_cc_zero_when_student_equals_teacher_up_to_scale() -> None:
 def test_cc_gradient_reaches_student_and_embeddings_only() -> None:
     method = CC("s", "t", embed_dim=3)
     s = torch.tensor([[1.0, 0.5], [0.2, 1.0], [0.3, -0.3]], requires_grad=True)
-    t = torch.tensor([[1.0, 0.0, 2.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    # The engine hands over teacher embeddings without history; CC also detaches them
+    # before embed_t, so even a teacher tensor that asks for gradients gets none while
+    # embed_t still trains.
+    t = torch.tensor([[1.0, 0.0, 2.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]], requires_grad=True)
     out = outputs(s, t)
     method.setup(out, CONTEXT)
     method.loss(out).backward()
@@ -119,6 +122,22 @@ def test_cc_gradient_reaches_student_and_embeddings_only() -> None:
     assert t.grad is None
     for p in method.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_cc_zero_student_row_by_hand_with_moderate_gradients() -> None:
+    # γ = 1/2, P = 2: k(c) = e^{-1}(1 + c + c²/2). The zero student row has f = 0, so
+    # its ψ entries, its diagonal included, are k(0) = e^{-1}; the teacher's diagonal is
+    # k(1) = 2.5·e^{-1}. Student rows (1,0), (0,0) against teacher rows (1,0), (0,1):
+    # only ψ[2, 2] differs, by 1.5·e^{-1}; over b² = 4.
+    s = torch.tensor([[1.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    loss = CC("s", "t", gamma=0.5, order=2).loss(outputs(s, torch.eye(2)))
+    assert loss.item() == pytest.approx((1.5 * math.exp(-1)) ** 2 / 4, rel=1e-5)
+    s = torch.tensor([[1.0, 0.5], [0.0, 0.0], [0.3, -0.3]], requires_grad=True)
+    CC("s", "t").loss(outputs(s, TEACHER)).backward()
+    # F.normalize's 1e-12 clamp sent ~1e11 back into the zero row; it now gets none.
+    assert torch.isfinite(s.grad).all() and s.grad.abs().max().item() < 10
+    assert s.grad[1].abs().max().item() == 0.0
+    assert s.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("embed_dim", [None, 4])

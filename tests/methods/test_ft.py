@@ -48,6 +48,42 @@ def test_transfer_loss_by_hand() -> None:
     assert loss.tolist() == pytest.approx([0.2, 0.3], rel=1e-6)
 
 
+def test_transfer_normalizes_the_whole_flattened_factor() -> None:
+    # Two channels on a 1×2 map. Student channels (3, 0), (0, 1) → flattened (3, 0, 0, 1)/√10;
+    # teacher (6, 0), (0, 8) → (0.6, 0, 0, 0.8). Mean |diff| = (|3/√10 − .6| + |1/√10 − .8|)/4.
+    # Normalizing per channel, or per position over channels, would give (1, 0), (0, 1) on
+    # both sides and a loss of 0.
+    s = torch.tensor([[[[3.0, 0.0]], [[0.0, 1.0]]]])
+    t = torch.tensor([[[[6.0, 0.0]], [[0.0, 8.0]]]])
+    out = outputs(s, t)
+    r = math.sqrt(10)
+    expected = (abs(3 / r - 0.6) + abs(1 / r - 0.8)) / 4
+    assert identity_ft(out).loss(out).item() == pytest.approx(expected, rel=1e-6)
+    assert expected > 0.2
+
+
+def test_default_weight_and_plain_reconstruction_steps_at_that_weight() -> None:
+    # β = 500 (the authors' CIFAR-10 setting); β · reconstruction_weight = 1 at the defaults.
+    assert FT.default_weight == 500.0
+    assert FT.default_weight * FT("s", "t").reconstruction_weight == pytest.approx(1.0)
+
+
+def test_single_sample_batch_on_one_by_one_maps_gives_zero_loss_in_training() -> None:
+    # BN in train mode cannot normalize one value per channel (a loader's short last batch).
+    torch.manual_seed(0)
+    probe = outputs(torch.randn(4, 3, 1, 1), torch.randn(4, 6, 1, 1))
+    method = FT("s", "t")
+    method.setup(probe, CONTEXT)
+    s = torch.randn(1, 3, 1, 1, requires_grad=True)
+    loss = method.loss(outputs(s, torch.randn(1, 6, 1, 1)))
+    assert loss.tolist() == [0.0]
+    loss.sum().backward()
+    assert s.grad is not None and not s.grad.any()
+    assert method.loss(probe).abs().sum() > 0  # bigger batches are unaffected
+    method.eval()  # running statistics: one sample is fine
+    assert torch.isfinite(method.loss(outputs(s, torch.randn(1, 6, 1, 1)))).all()
+
+
 def test_reconstruction_trains_paraphraser_but_leaves_value_alone() -> None:
     s = torch.tensor([3.0, 4.0]).view(1, 1, 1, 2)
     t = torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)
@@ -92,7 +128,7 @@ def test_zero_when_student_equals_teacher_and_translator_equals_paraphraser() ->
     assert method.loss(out).abs().max().item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("reconstruction_weight", [0.0, 0.005])
+@pytest.mark.parametrize("reconstruction_weight", [0.0, 1 / 500])
 def test_gradients_reach_student_translator_and_only_reconstruction_moves_paraphraser(
     reconstruction_weight: float,
 ) -> None:
@@ -141,7 +177,7 @@ def test_training_step_moves_student_and_helpers_not_teacher(
     models, methods = _build_stage(
         stage, student, teacher, None, next(iter(test)), torch.device("cpu")
     )
-    objective = StageObjective(0.0, [(methods[0], 200.0)], ReferenceConfig())
+    objective = StageObjective(0.0, [(methods[0], FT.default_weight)], ReferenceConfig())
     x, y = next(iter(train))
     student.train()
     total, _ = step_loss(models, objective, x, y, None)

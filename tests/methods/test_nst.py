@@ -77,8 +77,9 @@ def test_nst_unequal_lists_and_bad_options(monkeypatch) -> None:
     layout_t = ModelLayout(features=("x", "y"))
     with pytest.raises(UserError, match=r"\['a'\].*\['x', 'y'\]"):
         build_method("nst", {}, layout_s, layout_t)
-    with pytest.raises(ValueError):
-        NST(["a"], ["x"], degree=0)
+    for degree in (0, 2.5, True):  # a fractional power of a negative cosine is NaN
+        with pytest.raises(ValueError, match="positive integer"):
+            NST(["a"], ["x"], degree=degree)
     with pytest.raises(ValueError):
         NST(["a"], ["x"], c=-1.0)
 
@@ -129,3 +130,29 @@ def test_nst_in_two_stage_run(student, teacher, tiny_data, monkeypatch) -> None:
     )
     values = [r["train_nst"] for r in result.history if "train_nst" in r]
     assert values and all(math.isfinite(v) for v in values)
+
+
+def test_nst_two_samples_by_hand_keep_their_channels_apart() -> None:
+    # Sample 0 is the pair above: 5/4. Sample 1: student channels (0, 2) and (0, 5) → both
+    # e = (0, 1); teacher (4, 0) → v = (1, 0). ss = 1, tt = 1, cross (e·v)² = 0 → MMD² = 2.
+    # A kernel over all B·C channels at once would give one shared value instead.
+    s = torch.cat([STUDENT, torch.tensor([[[[0.0, 2.0]], [[0.0, 5.0]]]])])
+    t = torch.cat([TEACHER, torch.tensor([[[[4.0, 0.0]]]])])
+    loss = NST(["s"], ["t"]).loss(outputs({"s": s}, {"t": t}))
+    assert loss.tolist() == pytest.approx([5 / 4, 2.0], rel=1e-6)
+
+
+def test_nst_pools_the_teachers_map_before_normalizing() -> None:
+    # Teacher 1×4 (0, 0, 3, 3) pools to the student's 1×2 → (0, 3) → u, so the loss is the
+    # first case's 5/4. (Normalizing first would give the row (0, 1/√2), not a unit row.)
+    big_teacher = torch.tensor([[[[0.0, 0.0, 3.0, 3.0]]]])
+    out = outputs({"s": STUDENT}, {"t": big_teacher})
+    method = NST(["s"], ["t"])
+    method.setup(out, CONTEXT)
+    assert method.loss(out).item() == pytest.approx(5 / 4, rel=1e-6)
+
+
+def test_nst_refuses_a_pair_that_pools_to_one_position() -> None:
+    out = outputs({"s": torch.ones(2, 4, 2, 2)}, {"t": torch.ones(2, 8, 1, 1)})
+    with pytest.raises(UserError, match=r"'s'.*\(4, 2, 2\).*'t'.*\(8, 1, 1\).*single position"):
+        NST(["s"], ["t"]).setup(out, CONTEXT)

@@ -78,10 +78,28 @@ def test_pkt_defaults() -> None:
 
 def test_pkt_gradient_reaches_student_features_only() -> None:
     s = torch.tensor([[1.0, 0.5], [0.2, 1.0], [0.3, -0.3]], requires_grad=True)
-    t = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    # The engine hands over teacher embeddings without history; PKT also detaches them,
+    # so even a teacher tensor that asks for gradients gets none.
+    t = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], requires_grad=True)
     PKT("s", "t").loss(outputs(s, t)).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
+
+
+def test_pkt_zero_student_row_by_hand_with_moderate_gradients() -> None:
+    # Student rows (1,0), (0,0), (0,1): the zero row has cosine 0 with everything, and
+    # rows 1, 3 are orthogonal, so every K = 1/2 and q_{j|i} = 1/2. Teacher rows (1,0),
+    # (1,0), (0,1): K12 = 1, K13 = K23 = 1/2 → p_{·|1} = p_{·|2} = (2/3, 1/3), p_{·|3} = q.
+    s = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    row = 2 / 3 * math.log((2 / 3) / 0.5) + 1 / 3 * math.log((1 / 3) / 0.5)
+    loss = PKT("s", "t", eps=0.0).loss(outputs(s, t))
+    assert loss.item() == pytest.approx(2 * row, rel=1e-5)
+    loss.backward()
+    # F.normalize's 1e-12 clamp sent ~1e11 back into the zero row; it now gets none.
+    assert torch.isfinite(s.grad).all() and s.grad.abs().max().item() < 10
+    assert s.grad[1].abs().max().item() == 0.0
+    assert s.grad.abs().sum() > 0
 
 
 def test_pkt_training_step_moves_student_not_teacher(

@@ -172,6 +172,30 @@ def test_warmup_through_start_epoch() -> None:
     off = ReviewKD(["s"], ["t"], warmup_fraction=0.0)
     off.start_epoch(0, 8)
     assert off.warmup == 1.0
+    # Per-epoch factors: with the default 20/240, stages up to 12 epochs get no warm-up.
+    default.start_epoch(0, 12)
+    assert default.warmup == 1.0
+    default.start_epoch(0, 24)
+    assert default.warmup == pytest.approx(0.5)
+
+
+def test_default_weight_is_the_cifar100_configs_five() -> None:
+    assert ReviewKD.default_weight == 5.0
+
+
+def test_training_batch_of_one_gives_zero_loss_not_a_batchnorm_error() -> None:
+    torch.manual_seed(0)
+    s = {"a": torch.randn(1, 2, 4, 4, requires_grad=True)}
+    t = {"a": torch.randn(1, 3, 4, 4)}
+    method = ReviewKD(["a"], ["a"])  # the pooled 1×1 level: one value per BN channel
+    method.setup(outputs({"a": torch.randn(2, 2, 4, 4)}, {"a": torch.randn(2, 3, 4, 4)}), CONTEXT)
+    method.train()
+    loss = method.loss(outputs(s, t))
+    assert loss.shape == (1,) and loss.item() == 0.0
+    loss.sum().backward()  # still tied to the graph when it is a stage's only term
+    assert s["a"].grad is not None and s["a"].grad.abs().max().item() == 0.0
+    method.eval()  # running statistics: a single sample is fine
+    assert method.loss(outputs(s, t)).item() > 0
 
 
 def test_gradients_reach_student_and_every_abf_not_teacher() -> None:
@@ -180,7 +204,12 @@ def test_gradients_reach_student_and_every_abf_not_teacher() -> None:
         "a": torch.randn(3, 2, 4, 4, requires_grad=True),
         "b": torch.randn(3, 4, 2, 2, requires_grad=True),
     }
-    t = {"a": torch.randn(3, 3, 4, 4), "b": torch.randn(3, 5, 2, 2)}
+    # The engine hands over teacher maps without history; ReviewKD also detaches them,
+    # so even teacher tensors that ask for gradients get none.
+    t = {
+        "a": torch.randn(3, 3, 4, 4, requires_grad=True),
+        "b": torch.randn(3, 5, 2, 2, requires_grad=True),
+    }
     out = outputs(s, t)
     method = ReviewKD(["a", "b"], ["a", "b"])
     method.setup(out, CONTEXT)

@@ -15,7 +15,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from smskd.data.memory import ArrayDataset, ArraySplit
+from smskd.data.memory import ArrayDataset, ArraySplit, stratified_split
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -25,17 +25,6 @@ def _read() -> tuple[np.ndarray, np.ndarray]:
     blob = resources.files("smskd").joinpath("resources/digits.csv.gz").read_bytes()
     table = np.loadtxt(gzip.decompress(blob).decode().splitlines(), delimiter=",", dtype=np.uint8)
     return table[:, :-1].reshape(-1, 1, 8, 8), table[:, -1].astype(np.int64)
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean test mask holding ``round(test_fraction · n_c)`` samples of every class c."""
-    rng = np.random.default_rng(seed)
-    is_test = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        chosen = rng.permutation(members)[: round(test_fraction * len(members))]
-        is_test[chosen] = True
-    return is_test
 
 
 def load_digits(root: str | None = None) -> ArrayDataset:

@@ -3,6 +3,8 @@
 Small datasets fit in memory many times over; slicing a tensor per batch is far
 cheaper than a per-image ``DataLoader``. Every batch is ``(x, y, index)`` so that
 methods that key on sample identity (CRD's memory bank) need no special loader.
+Training augmentation runs batched on the same device (:mod:`smskd.data.augment`);
+DDP sharding follows ``DistributedSampler``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from smskd.data.augment import Augment, Normalize, crop_flip, sample_params
+
+# Seed offset between the loader's random streams (shuffle, augmentation).
+_STREAM_STRIDE = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,32 @@ class ArrayDataset:
 class InMemoryLoader:
     """Batches of ``(x, y, index)`` from an :class:`ArraySplit`, normalized on the fly.
 
-    The order of epoch ``e`` depends only on ``(seed, e)``: call :meth:`set_epoch`
-    (as with ``DistributedSampler``) and a resumed run sees the same batches.
+    The whole split lives on ``device``; indices, augmentation and normalization run
+    there, and ``index`` holds positions in the full split (what CRD's memory bank keys on).
+
+    **Order.** The order of epoch ``e`` depends only on ``(seed, e)``: call
+    :meth:`set_epoch` (as with ``DistributedSampler``) and a resumed run sees the same
+    batches. With ``world_size == 1`` and no augmentation the order is the one this loader
+    always had.
+
+    **Training** (``shuffle=True``) follows ``DistributedSampler``: every rank draws the
+    same permutation, pads it by wrapping around to ``ceil(N / world_size) · world_size``
+    samples, and takes every ``world_size``-th one from position ``rank``. Ranks therefore
+    get disjoint, equal-size shards, except that when ``N`` is not divisible by
+    ``world_size`` the permutation's first ``total_size − N`` samples are seen twice per
+    epoch (more often only if ``N < world_size``).
+
+    **Evaluation** (``shuffle=False``) never pads: rank ``r`` takes the ``r``-th of
+    ``world_size`` contiguous, near-equal (±1 sample) slices, so the shards cover every
+    sample exactly once and concatenating them in rank order gives the split's order.
+    Ranks may then yield different numbers of batches: reduce sums after the loop,
+    never run a collective per batch.
+
+    **Augmentation** (``augment``; training only) crops and flips the raw pixels before
+    normalization (:mod:`smskd.data.augment`). Its draws come from their own generator
+    seeded from ``(seed, epoch)``, separate from the shuffle's, so enabling it does not
+    change the order; they are drawn per *position* of the padded epoch permutation, so a
+    sample at a given position is augmented the same way whatever ``world_size`` is.
     """
 
     def __init__(
@@ -62,34 +94,106 @@ class InMemoryLoader:
         seed: int = 0,
         drop_last: bool = False,
         device: torch.device | str = "cpu",
+        *,
+        augment: Augment | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, {world_size=}")
+        if augment is not None and not shuffle:
+            # Augmenting evaluation batches would make metrics random: refuse, don't guess.
+            raise ValueError("augment is for training loaders (shuffle=True)")
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.drop_last = drop_last and len(split) > batch_size
         self.epoch = 0
+        self.rank = rank
+        self.world_size = world_size
+        self.augment = None if augment is None or augment.is_identity else augment
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
-        shape = (1, -1, 1, 1)
-        self._scale = torch.tensor(dataset.std, device=self.device).view(shape) * dataset.pixel_max
-        self._shift = torch.tensor(dataset.mean, device=self.device).view(shape) * dataset.pixel_max
+        self.labels = split.labels.to(self.device)  # the full split: len() = training-set size
+        self.normalize = Normalize(dataset.pixel_max, dataset.mean, dataset.std, self.device)
+        n = len(split)
+        if shuffle:
+            self.total_size = -(-n // world_size) * world_size  # padded epoch, all ranks
+            self.num_samples = self.total_size // world_size
+            self._shard_start = 0
+        else:
+            self.total_size = n
+            base, extra = divmod(n, world_size)
+            self.num_samples = base + (rank < extra)
+            self._shard_start = rank * base + min(rank, extra)
+        # Dropping the only, incomplete batch would leave an epoch with no step at all.
+        self.drop_last = drop_last and self.num_samples > batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = self.num_samples
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def _generator(self, stream: int) -> torch.Generator:
+        # Stream 0 keeps the seed formula of earlier versions, so existing runs resume onto
+        # the same order; other streams are offset far beyond any realistic epoch count.
+        return torch.Generator().manual_seed(
+            self.seed * 1_000_003 + self.epoch + stream * _STREAM_STRIDE
+        )
+
+    def _epoch_plan(self) -> tuple[Tensor, Tensor]:
+        """This rank's positions in the padded epoch order, and the sample at each (CPU)."""
         n = len(self.labels)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(n, generator=generator).to(self.device)
-        else:
-            order = torch.arange(n, device=self.device)
+        if not self.shuffle:
+            positions = torch.arange(self._shard_start, self._shard_start + self.num_samples)
+            return positions, positions
+        order = torch.randperm(n, generator=self._generator(0))
+        if self.total_size > n:  # wrap around, as DistributedSampler pads
+            order = order.repeat(-(-self.total_size // n))[: self.total_size]
+        positions = torch.arange(self.rank, self.total_size, self.world_size)
+        return positions, order[positions]
+
+    def epoch_indices(self) -> Tensor:
+        """Sample indices this rank visits in the current epoch, in order (before drop_last)."""
+        return self._epoch_plan()[1].to(self.device)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        positions, order = self._epoch_plan()
+        order = order.to(self.device)  # one transfer per epoch, not per batch
+        params = None
+        if self.augment is not None:
+            # Drawn for the whole padded epoch on the CPU, then this rank's positions:
+            # identical on every device and for every world_size.
+            drawn = sample_params(self.total_size, self.augment, self._generator(1))
+            params = drawn[positions].to(self.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
-            x = (self.images[index].float() - self._shift) / self._scale
-            yield x, self.labels[index], index
+            images = self.images[index]
+            if params is not None and self.augment is not None:
+                batch_params = params[start : start + self.batch_size]
+                images = crop_flip(images, batch_params, self.augment.crop_padding)
+            yield self.normalize(images), self.labels[index], index
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean test mask holding ``round(test_fraction · n_c)`` samples of every class c."""
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        chosen = rng.permutation(members)[: round(test_fraction * len(members))]
+        is_test[chosen] = True
+    return is_test
+
+
+def stratified_subset(split: ArraySplit, size: int, seed: int = 0) -> ArraySplit:
+    """A fixed subset of about ``size`` samples with the split's class proportions."""
+    if size >= len(split):
+        return split
+    labels = split.labels.numpy()
+    keep = stratified_split(labels, size / len(split), seed)
+    index = torch.from_numpy(np.flatnonzero(keep))
+    return ArraySplit(split.images[index], split.labels[index])

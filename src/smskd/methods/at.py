@@ -25,14 +25,23 @@ def check_layer_lists(student_layers: list[str], teacher_layers: list[str]) -> N
 
 
 def check_map_pairs(method: str, pairs: list[tuple[str, str]], probe: Outputs) -> None:
-    """Both sides of every pair must be feature maps ``[B, C, H, W]``."""
+    """Both sides of every pair must be feature maps ``[B, C, H, W]`` that share more than
+    one position once the larger is pooled: a map over a single position normalizes to a
+    constant (±1), so its loss is 0 or constant and gives the student no gradient."""
     for s_name, t_name in pairs:
         s, t = probe.student_features[s_name], probe.teacher_features[t_name]
+        shapes = f"student {s_name!r} gives {tuple(s.shape[1:])} and teacher {t_name!r} gives"
+        shapes += f" {tuple(t.shape[1:])}"
         if s.dim() != 4 or t.dim() != 4:
             raise UserError(
-                f"{method}: student {s_name!r} gives {tuple(s.shape[1:])} and teacher "
-                f"{t_name!r} gives {tuple(t.shape[1:])}; both must be feature maps (C, H, W): "
+                f"{method}: {shapes}; both must be feature maps (C, H, W): "
                 "name convolutional layers in student_layers/teacher_layers"
+            )
+        if min(s.shape[2], t.shape[2]) * min(s.shape[3], t.shape[3]) == 1:
+            raise UserError(
+                f"{method}: {shapes}; pooled to a common size they cover a single position, "
+                "where the normalized map is constant and the loss carries no signal: name "
+                "layers with a larger H×W in student_layers/teacher_layers"
             )
 
 
@@ -71,7 +80,10 @@ class AT(DistillMethod):
     it. Channels are averaged rather than summed, a constant factor that the
     normalization cancels. When a pair's spatial sizes differ (not covered by the
     paper), the larger *feature map* is adaptive-average-pooled to the smaller
-    one's H×W before the attention map is taken, as RepDistiller does.
+    one's H×W before the attention map is taken, as RepDistiller does. Checks not
+    in the paper: p ≥ 1 (for p < 1 the gradient of ``|f|^p`` is NaN at the exact
+    zeros of ReLU maps), and a pair whose common H×W is 1×1 is refused (its
+    normalized attention map is the constant 1, so the loss would be identically 0).
     """
 
     name = "at"
@@ -91,8 +103,9 @@ class AT(DistillMethod):
     ) -> None:
         super().__init__()
         check_layer_lists(student_layers, teacher_layers)
-        if p <= 0:
-            raise ValueError("p must be > 0")
+        if p < 1:
+            # d|f|^p/df = p·|f|^(p−1)·sign(f) is 0·∞ = NaN at the exact zeros of ReLU maps.
+            raise ValueError(f"p must be >= 1 (got {p}); p < 1 gives NaN gradients at zeros")
         self.student_layers = list(student_layers)
         self.teacher_layers = list(teacher_layers)
         self.p = p

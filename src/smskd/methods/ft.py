@@ -35,27 +35,43 @@ class FT(DistillMethod):
 
         L_FT = mean_j | F_S/‖F_S‖₂ − F_T/‖F_T‖₂ |_j     (p = 1, factors flattened)
 
-    The paper writes ``‖·‖₁``; the official code (``nn.L1Loss``) averages over the
-    factor's elements instead, which is what its β was tuned for, so we average too.
-    Default weight β = 200 from RepDistiller's CIFAR-100 scripts (the official CIFAR-10
-    code uses 500). Teacher and student maps must have the same spatial size.
+    Each factor is flattened over all its m·H·W elements and normalized as a whole, as
+    in the paper and the authors' code (``F.normalize(x.view(B, -1))``). The paper
+    writes ``‖·‖₁``; the authors' code (``nn.L1Loss``) averages over the factor's
+    elements instead, which is what its β was tuned for, so we average too. Teacher and
+    student maps must have the same spatial size.
+
+    Default weight β = 500: the authors' CIFAR-10 setting (``--beta 500`` in
+    Jangho-Kim/Factor-Transfer-pytorch). Caveat: it is the only published β for this
+    formulation and was tuned on CIFAR-10 alone. RepDistiller's ``-b 200`` does not carry
+    over: its FT loss compares a different factor, ``normalize(mean_c F²)``, an
+    attention-like H·W map, not the flattened factor used here.
 
     Deviation 1 (paraphraser training): the paper pre-trains the paraphraser with the
-    reconstruction loss ``‖x − P(x)‖²`` before distillation; a stage has no separate
-    phase, so the paraphraser learns it *during* the stage (per-sample MSE between its
-    reconstruction and the gradient-free teacher map). F_T is detached, so the factor
-    loss never moves the paraphraser: it only learns to reconstruct, as if pre-trained,
-    only concurrently. The stage multiplies the whole method by β, so the term is
-    scaled by ``reconstruction_weight`` = 1/200, which gives plain-MSE steps at the
-    default β (as RepDistiller's pre-training). It enters as ``w·(rec − rec.detach())``:
-    the paraphraser gets its gradient but the value is unchanged, so the logged loss
-    is L_FT alone.
+    reconstruction loss ``‖x − P(x)‖²`` and then keeps it fixed (the authors' code
+    pre-trains with an L1 loss; RepDistiller with MSE at lr 0.01, then freezes it in
+    eval mode). A stage has no separate phase, so here the paraphraser learns the
+    reconstruction (per-sample MSE against the gradient-free teacher map) *during* the
+    stage, and early in a stage the student chases a factor that is still moving. F_T is
+    detached, so the factor loss never moves the paraphraser; only the reconstruction
+    does. The stage multiplies the whole method by β, so the reconstruction is scaled by
+    ``reconstruction_weight`` = 1/500: at the default β the paraphraser takes plain MSE
+    gradient steps at the stage's learning rate (set it to 1/β if you change β). It
+    enters as ``w·(rec − rec.detach())``: the paraphraser gets its gradient but the
+    value is unchanged, so the logged loss is L_FT alone.
 
-    Deviation 2: BatchNorm after every convolution (``batch_norm``; RepDistiller's
-    ``use_bn``, the official code has none). Trained concurrently by the stage's SGD,
-    the BN-free autoencoder stays at the mean reconstruction for hundreds of steps
-    (digits, 10 epochs: MSE 0.83 against a variance of 0.84; with BN 0.24), so the
-    factors it hands the student carry no per-sample information.
+    Deviation 2 (ours, in neither reference): BatchNorm after every convolution of the
+    paraphraser and the translator (``batch_norm``). The authors' code has none (its BN
+    layers are commented out); RepDistiller's ``Paraphraser`` defaults to
+    ``use_bn=False`` and only its ``Translator`` has BN. We add it because, trained
+    concurrently by the stage's SGD, the BN-free autoencoder stayed at the mean
+    reconstruction for hundreds of steps (digits, 10 epochs: MSE 0.83 against a variance
+    of 0.84; with BN 0.24), so the factors it handed the student carried no per-sample
+    information. ``batch_norm: false`` gives the authors' layers.
+
+    With BN, a training batch of one sample on 1×1 maps (a loader's short last batch)
+    leaves BN a single value per channel, which it refuses; such a batch contributes a
+    zero loss (no gradient) instead of stopping the run.
     """
 
     name = "ft"
@@ -65,7 +81,7 @@ class FT(DistillMethod):
         "Factor Transfer, NeurIPS 2018"
     )
     helpers = "paraphraser (conv autoencoder on the teacher map), translator (3 convs)"
-    default_weight = 200.0
+    default_weight = 500.0
     tap_roles: ClassVar[dict[str, tuple[str, str]]] = {
         "student_layer": ("student", "last_feature"),
         "teacher_layer": ("teacher", "last_feature"),
@@ -76,7 +92,7 @@ class FT(DistillMethod):
         student_layer: str,
         teacher_layer: str,
         rate: float = 0.5,
-        reconstruction_weight: float = 1 / 200,
+        reconstruction_weight: float = 1 / 500,
         batch_norm: bool = True,
     ) -> None:
         super().__init__()
@@ -112,9 +128,12 @@ class FT(DistillMethod):
 
     def loss(self, out: Outputs) -> Tensor:
         t = out.teacher_features[self.teacher_layer]
+        s = out.student_features[self.student_layer]
+        if self.training and self.batch_norm and t.shape[0] * t.shape[2] * t.shape[3] == 1:
+            return s.float().flatten(1).sum(dim=1) * 0.0  # zero, yet on the student's graph
         factor_t = self.encoder(t)
         reconstruction = (self.decoder(factor_t).float() - t.float()).pow(2).flatten(1).mean(1)
-        factor_s = self.translator(out.student_features[self.student_layer])
+        factor_s = self.translator(s)
         f_s = F.normalize(factor_s.float().flatten(1), dim=1)
         f_t = F.normalize(factor_t.detach().float().flatten(1), dim=1)
         transfer = (f_s - f_t).abs().mean(dim=1)

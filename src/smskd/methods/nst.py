@@ -37,8 +37,10 @@ class NST(DistillMethod):
     pair every stage (name one layer each in ``student_layers``/``teacher_layers``
     for the paper's setup). Different spatial sizes are not covered by the paper:
     the larger feature map is adaptive-average-pooled to the smaller one's H×W
-    first, as RepDistiller does. The teacher-teacher term has no gradient; it is
-    kept so that the loss is the MMD itself, ≥ 0 and 0 when the distributions agree.
+    first, as RepDistiller does; a pair whose common H×W is 1×1 is refused, since
+    every unit "map" is then ±1 and the loss gives no gradient. The teacher-teacher
+    term has no gradient; it is kept so that the loss is the MMD itself, ≥ 0 and 0
+    when the distributions agree. Each sample's MMD uses only that sample's channels.
     """
 
     name = "nst"
@@ -62,8 +64,9 @@ class NST(DistillMethod):
     ) -> None:
         super().__init__()
         check_layer_lists(student_layers, teacher_layers)
-        if degree < 1:
-            raise ValueError("degree must be >= 1")
+        # Cosines can be negative, and a negative base to a fractional power is NaN.
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+            raise ValueError(f"degree must be a positive integer (got {degree!r})")
         if c < 0:
             raise ValueError("c must be >= 0 (a negative offset breaks the kernel's PSD-ness)")
         self.student_layers = list(student_layers)

@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from smskd.methods.base import DistillMethod, Outputs
+from smskd.methods.sp import unit_rows
 
 
 def conditional_probabilities(features: Tensor) -> Tensor:
     """``P[i, j] = p_{j|i} = K(x_i, x_j) / Σ_{k≠i} K(x_i, x_k)`` with the cosine kernel
-    ``K = (cos + 1) / 2``; the diagonal (j = i) is 0.
+    ``K = (cos + 1) / 2``; the diagonal (j = i) is 0. A row with norm below 1e-6 counts
+    as cosine 0 with every other row and passes no gradient (:func:`unit_rows`).
     """
-    x = F.normalize(features.flatten(1).float(), p=2, dim=1)
+    x = unit_rows(features.flatten(1).float())
     kernel = (x @ x.t() + 1) / 2
     kernel = kernel * (1 - torch.eye(len(x), dtype=kernel.dtype, device=kernel.device))
     # A row sums to 0 only for B = 1 (or two opposite points): give it p = 0, not NaN.
@@ -35,12 +36,19 @@ class PKT(DistillMethod):
     Defined over the batch: the loss is a scalar.
 
     ε = 1e-7 (the authors' code) keeps the log finite where two student embeddings
-    point in opposite directions (q = 0); it is the only addition to the paper.
-    The authors' code, and RepDistiller which copies it, differ in two ways: they keep
-    j = i in the normalization and the sum, and they take the mean over the b² entries
-    instead of the sum. Their CIFAR-100 weight β = 30000 (RepDistiller's script, batch
-    64) on that mean is β = 30000 / 64² ≈ 7.3 on the paper's sum, the default here.
-    With batch size B, RepDistiller's recipe corresponds to ``weight: 30000 / B²``.
+    point in opposite directions (q = 0). The authors' code, and RepDistiller and
+    mdistiller which follow it, differ in two ways: they keep j = i in the
+    normalization and the sum, and they take the mean over the b² entries instead of
+    the sum. The authors' code weighs the loss by nothing (1, alone or added to a
+    supervised term); β = 30000 on that mean is RepDistiller's CIFAR-100 script
+    (``-b 30000``) and mdistiller's ``CFG.PKT.LOSS.FEAT_WEIGHT``, both with batch 64.
+    On the paper's sum that is β = 30000 / 64² ≈ 7.3, the default here; with batch
+    size B, their recipe corresponds to ``weight: 30000 / B²``.
+
+    Deviations from the paper: ε, and a student embedding with L2 norm below 1e-6
+    (all ~0, e.g. dead ReLUs) normalizes to 0 without gradient (:func:`unit_rows`)
+    rather than sending back a ~1e12-times gradient; other rows are unchanged.
+    Teacher embeddings are detached here, so no gradient can reach the teacher.
     """
 
     name = "pkt"
@@ -64,7 +72,7 @@ class PKT(DistillMethod):
         self.eps = eps
 
     def loss(self, out: Outputs) -> Tensor:
-        p = conditional_probabilities(out.teacher_features[self.teacher_layer])
+        p = conditional_probabilities(out.teacher_features[self.teacher_layer].detach())
         q = conditional_probabilities(out.student_features[self.student_layer])
         off_diagonal = ~torch.eye(len(p), dtype=torch.bool, device=p.device)
         p, q = p[off_diagonal], q[off_diagonal]

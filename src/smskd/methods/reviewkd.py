@@ -18,8 +18,10 @@ def hierarchical_context_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """HCL of two ``[B, C, H, W]`` maps, shape ``[B]``.
 
     Squared error averaged over (C, H, W) at full resolution (weight 1) and after
-    adaptive average pooling to 4×4, 2×2, 1×1 (weights ½, ¼, ⅛), skipping levels not
-    smaller than the map; divided by the sum of the weights used.
+    adaptive average pooling to 4×4, 2×2, 1×1, skipping pooled sizes not smaller than
+    the map. The weight halves with each level actually used, so it depends on the map
+    size: an 8×8 map weighs its levels 1, ½, ¼, ⅛, a 4×4 map its full, 2×2, 1×1 levels
+    1, ½, ¼, a 1×1 map only the full level. Divided by the sum of the weights used.
     """
     s, t = student.float(), teacher.float()
     loss = (s - t).pow(2).flatten(1).mean(dim=1)
@@ -77,24 +79,36 @@ class ReviewKD(DistillMethod):
     official CIFAR code does, the globally average-pooled last maps as a deepest
     1×1 level.
 
-    Default weight β = 1: the official ``train.py`` default and mdistiller's; the
-    official CIFAR-100 scripts tune it per pair (0.6 to 8). Warm-up: the official
-    code multiplies the loss by ``min(1, epoch/20)`` over 240 epochs. Here the factor
-    before epoch e (0-based) is ``min(1, (e+1)/(warmup_fraction·epochs))``; the +1 (as
-    mdistiller counts epochs) keeps a short stage's first epoch from having no review
-    loss at all, and the fraction (default 20/240) scales the warm-up to the stage,
-    which in SMSKD is usually far shorter than 240 epochs. 0 disables it.
+    Default weight β = 5: mdistiller's only CIFAR-100 config
+    (``configs/cifar100/reviewkd.yaml``, ``REVIEWKD_WEIGHT: 5.0``) and 5 of the 8
+    teacher-student pairs in the official ``CIFAR-100/script/reviewKD.sh`` (the others
+    use 8, 0.6 and 1). The value 1 is only the argparse default of the official
+    ``train.py`` and of mdistiller's ``cfg.py``. Warm-up: the official code multiplies
+    the loss by ``min(1, epoch/20)`` over 240 epochs. Here the factor before epoch e
+    (0-based) is ``min(1, (e+1)/(warmup_fraction·epochs))``; the +1 (as mdistiller
+    counts epochs) keeps a short stage's first epoch from having no review loss at
+    all, and the fraction (default 20/240) scales the warm-up to the stage, which in
+    SMSKD is usually far shorter than 240 epochs; 0 disables it. The factor changes
+    per epoch only, so a stage of at most 1/warmup_fraction epochs (12 with the
+    default) has no warm-up at all: its first epoch already uses factor 1.
+
+    A training batch of one sample (a loader's short last batch) gives loss 0: the
+    BatchNorm layers of the ABFs cannot take batch statistics over the single value
+    per channel of the pooled 1×1 level (PyTorch raises an error), so that batch
+    trains with the other terms only. Teacher maps are detached here, so no gradient
+    can reach the teacher whatever the caller passes.
 
     Deviations: both sides use the tapped module outputs (post-activation), whereas the
     official code reads the teacher's pre-activation stage outputs; the pooled level is
-    computed from the last tapped maps rather than taken from the network.
+    computed from the last tapped maps rather than taken from the network; the
+    warm-up is scaled to the stage; a training batch of one sample gives loss 0.
     """
 
     name = "reviewkd"
     family = "feature"
     citation = "Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021"
     helpers = "one attention-based fusion (ABF) module per level"
-    default_weight = 1.0
+    default_weight = 5.0
     tap_roles: ClassVar[dict[str, tuple[str, str]]] = {
         "student_layers": ("student", "features"),
         "teacher_layers": ("teacher", "features"),
@@ -125,7 +139,7 @@ class ReviewKD(DistillMethod):
 
     def _levels(self, out: Outputs) -> tuple[list[Tensor], list[Tensor]]:
         s = [out.student_features[name] for name in self.student_layers]
-        t = [out.teacher_features[name] for name in self.teacher_layers]
+        t = [out.teacher_features[name].detach() for name in self.teacher_layers]
         if self.pooled_level:
             s.append(s[-1].mean(dim=(2, 3), keepdim=True))
             t.append(t[-1].mean(dim=(2, 3), keepdim=True))
@@ -162,6 +176,10 @@ class ReviewKD(DistillMethod):
 
     def loss(self, out: Outputs) -> Tensor:
         student, teacher = self._levels(out)
+        if self.training and len(student[0]) == 1:
+            # Zero, yet tied to the student's graph so that backward() still works when
+            # this is the stage's only term.
+            return 0.0 * student[0].float().flatten(1).sum(dim=1)
         residual: Tensor | None = None
         total = student[0].new_zeros(len(student[0]), dtype=torch.float32)
         for i in reversed(range(len(student))):

@@ -5,16 +5,32 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from smskd.methods.base import DistillMethod, Outputs
 
+MIN_ROW_NORM = 1e-6
+
+
+def unit_rows(x: Tensor, min_norm: float = MIN_ROW_NORM) -> Tensor:
+    """Rows of the 2-d ``x`` scaled to unit L2 norm; rows with norm below ``min_norm`` give 0.
+
+    Rows at or above ``min_norm`` get exactly ``F.normalize``'s value and gradient. Below
+    it a row has no usable direction: ``F.normalize`` divides it by ``max(‖x‖, 1e-12)``,
+    so an all-zero row (e.g. a dead-ReLU embedding) sends back ~1e12 times its incoming
+    gradient. Here such a row is 0, as ``F.normalize`` makes an all-zero row, but passes
+    no gradient. Just above ``min_norm`` gradients still grow like 1/‖x‖ (at most ~1e6
+    times), as they must for a loss that sees only directions.
+    """
+    norm = x.norm(dim=1, keepdim=True)
+    return torch.where(norm >= min_norm, x / norm.clamp_min(min_norm), torch.zeros_like(x))
+
 
 def similarity_matrix(features: Tensor) -> Tensor:
-    """``G = row-L2-normalize(Q·Qᵀ)`` with ``Q`` the ``[B, C·H·W]`` flattened features."""
+    """``G = row-L2-normalize(Q·Qᵀ)`` with ``Q`` the ``[B, C·H·W]`` flattened features
+    (normalized by :func:`unit_rows`)."""
     q = features.flatten(1).float()
-    return F.normalize(q @ q.t(), p=2, dim=1)
+    return unit_rows(q @ q.t())
 
 
 class SP(DistillMethod):
@@ -29,8 +45,12 @@ class SP(DistillMethod):
 
     Default taps: the last feature map of each network (RepDistiller's ``feat[-2]``,
     the output of the last stage); lists of equal length give several pairs.
-    Default weight β = 3000, RepDistiller's CIFAR-100 script (``-b 3000``), which
-    computes exactly this loss. No deviation from the paper.
+    Default weight β = 3000, RepDistiller's CIFAR-100 script (``-b 3000``) and
+    mdistiller's ``CFG.SP.LOSS.FEAT_WEIGHT``, which compute exactly this loss.
+    Teacher features are detached here, so no gradient can reach the teacher whatever
+    the caller passes. The only deviation from the paper: a Gram row with L2 norm below
+    1e-6 (a student sample whose features are all ~0) normalizes to 0 without gradient
+    (:func:`unit_rows`) instead of blowing up the gradient; other rows are unchanged.
     """
 
     name = "sp"
@@ -59,6 +79,7 @@ class SP(DistillMethod):
         total = out.student_logits.new_zeros((), dtype=torch.float32)
         for s_name, t_name in self.pairs:
             s = out.student_features[s_name]
-            g_diff = similarity_matrix(out.teacher_features[t_name]) - similarity_matrix(s)
+            t = out.teacher_features[t_name].detach()
+            g_diff = similarity_matrix(t) - similarity_matrix(s)
             total = total + g_diff.pow(2).sum() / len(s) ** 2
         return total
