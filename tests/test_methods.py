@@ -97,11 +97,28 @@ def test_fitnets_conv_regressor_for_feature_maps() -> None:
     assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (4, 6, (1, 1))
 
 
+@pytest.mark.parametrize(
+    ("student_shape", "teacher_shape", "kind", "kernel"),
+    [
+        ((4, 8, 8), (6, 4, 4), nn.Conv2d, (3, 3)),  # student twice as large: stride-2 conv
+        ((4, 4, 4), (6, 8, 8), nn.ConvTranspose2d, (4, 4)),  # half as large: transposed
+        ((4, 7, 6), (6, 4, 4), nn.Conv2d, (4, 3)),  # larger by (3, 2): a (4, 3) kernel
+    ],
+)
+def test_fitnets_bridges_resolutions_like_convreg(student_shape, teacher_shape, kind, kernel):
+    method = FitNets("s", "t")
+    out = outputs({"s": torch.ones(2, *student_shape)}, {"t": torch.zeros(2, *teacher_shape)})
+    method.setup(out, CONTEXT)
+    assert type(method.regressor) is kind and method.regressor.kernel_size == kernel
+    assert method.regressor(out.student_features["s"]).shape == (2, *teacher_shape)
+    assert method.loss(out).shape == (2,)
+
+
 def test_fitnets_unbridgeable_shapes_name_both_modules() -> None:
     method = FitNets("block2", "layer3")
-    with pytest.raises(UserError, match=r"block2.*\(4, 8, 8\).*layer3.*\(6, 4, 4\)"):
+    with pytest.raises(UserError, match=r"block2.*\(4, 2, 2\).*layer3.*\(6, 8, 8\)"):
         method.setup(
-            outputs({"block2": torch.ones(2, 4, 8, 8)}, {"layer3": torch.ones(2, 6, 4, 4)}), CONTEXT
+            outputs({"block2": torch.ones(2, 4, 2, 2)}, {"layer3": torch.ones(2, 6, 8, 8)}), CONTEXT
         )
 
 

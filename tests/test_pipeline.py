@@ -318,3 +318,14 @@ def test_tcp_weighting_without_teacher_is_refused_before_training(student, tiny_
         reference=ReferenceConfig(weighting="fixed"),
     )
     assert "train_reference" in fixed.history[-1]
+
+
+def test_check_stages_leaves_an_unfrozen_teacher_untouched(student, live_teacher, tiny_data):
+    from smskd.pipeline import check_stages
+
+    before = {k: v.clone() for k, v in live_teacher.state_dict().items()}
+    stages = [Stage(methods=["fitnets"], epochs=1), Stage(methods=["rkd"], epochs=1)]
+    check_stages(student, live_teacher, stages, next(iter(tiny_data[0])))
+    for key, value in live_teacher.state_dict().items():  # BN running statistics included
+        assert torch.equal(value, before[key]), key
+    assert not any(m._forward_hooks for m in live_teacher.modules())

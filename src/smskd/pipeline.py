@@ -227,6 +227,8 @@ def _setup_methods(
             )
         was_training = student.training
         student.eval()  # the probe must not move BN statistics
+        if models.teacher is not None:
+            models.teacher.eval()  # frozen for good, whoever calls this
         with torch.no_grad():
             probe = forward_outputs(models, x, y, index)
         student.train(was_training)

@@ -15,11 +15,11 @@ import struct
 import sys
 import tarfile
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
+from fakes import cifar_pixels, dump, make_cifar10, make_cifar100
 from torch.utils.data import DataLoader
 
 from smskd.data import cifar, fashion_mnist
@@ -134,90 +134,6 @@ def test_real_fashion_mnist() -> None:
 
 
 # ----------------------------------------------------------------------------- CIFAR
-
-
-class Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
-    """Writes what cPickle (protocol 2) wrote for the official archives under Python 2.
-
-    There, ``str`` is bytes: SHORT_BINSTRING/BINSTRING opcodes, read back as bytes with
-    ``encoding="bytes"``; and numpy's ``_reconstruct`` lives in ``numpy.core.multiarray``.
-    """
-
-    dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
-
-    def save_bytes(self, obj: bytes) -> None:
-        if len(obj) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
-        self.memoize(obj)
-
-    def save_str(self, obj: str) -> None:
-        self.save_bytes(obj.encode("latin1"))
-
-    def save_global(self, obj: object, name: str | None = None) -> None:
-        module = {"numpy._core.multiarray": "numpy.core.multiarray"}.get(
-            obj.__module__, obj.__module__
-        )
-        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
-        self.memoize(obj)
-
-    dispatch[bytes] = save_bytes
-    dispatch[str] = save_str
-    dispatch[type] = save_global
-    dispatch[type(len)] = save_global
-
-
-def dump(path: Path, content: object) -> None:
-    with path.open("wb") as file:
-        Py2Pickler(file, protocol=2).dump(content)
-
-
-def cifar_pixels(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
-
-
-def make_cifar10(parent: Path, per_batch: int = 2) -> Path:
-    folder = parent / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer"]
-    names += [b"dog", b"frog", b"horse", b"ship", b"truck"]
-    dump(folder / "batches.meta", {b"num_cases_per_batch": 10000, b"label_names": names})
-    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        dump(
-            folder / name,
-            {
-                b"batch_label": f"batch {i}".encode(),
-                b"labels": [(i + j) % 10 for j in range(per_batch)],
-                b"data": cifar_pixels(per_batch, i),
-                b"filenames": [f"img_{i}_{j}.png".encode() for j in range(per_batch)],
-            },
-        )
-    return folder
-
-
-def make_cifar100(parent: Path) -> Path:
-    folder = parent / "cifar-100-python"
-    folder.mkdir(parents=True)
-    dump(
-        folder / "meta",
-        {
-            b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
-        },
-    )
-    for i, (name, n) in enumerate([("train", 4), ("test", 2)]):
-        dump(
-            folder / name,
-            {
-                b"filenames": [b"x.png"] * n,
-                b"batch_label": name.encode(),
-                b"fine_labels": [99 - k for k in range(n)],
-                b"coarse_labels": [19 - k for k in range(n)],
-                b"data": cifar_pixels(n, 10 + i),
-            },
-        )
-    return folder
 
 
 def test_cifar10_folder_or_parent(tmp_path: Path) -> None:

@@ -78,12 +78,35 @@ def test_nce_loss_and_z_by_hand() -> None:
         return n * sum(math.exp(d / tau) for row in dots for d in row) / 6
 
     z_s, z_t = z_of(student_dots), z_of(teacher_dots)
-    assert method.z.tolist() == pytest.approx([z_s, z_t], rel=1e-5)
+    assert method.log_z.tolist() == pytest.approx([math.log(z_s), math.log(z_t)], rel=1e-5)
     expected = [
         hand_nce(student_dots[i], z_s, c, tau) + hand_nce(teacher_dots[i], z_t, c, tau)
         for i in range(2)
     ]
     assert loss.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_small_temperature_stays_finite_by_hand() -> None:
+    # τ = 0.005: exp(dot/τ) reaches e²⁰⁰ ≈ 7·10⁸⁶, far beyond float32 (and Z with it);
+    # in double precision the hand values are ordinary numbers.
+    tau, n, c = 0.005, 4, 2 / 4
+    method = hand_method(temperature=tau)
+    s = torch.tensor(STUDENT, requires_grad=True)
+    loss = method.loss(outputs(s, torch.tensor(TEACHER), torch.tensor(INDEX)))
+    student_dots = [[0.6, 0.8, -0.8], [-1.0, 1.0, 0.0]]
+    teacher_dots = [[1.0, 0.0, 0.6], [1.4 * R, R, R]]
+    z_s, z_t = (
+        n * sum(math.exp(d / tau) for r in dots for d in r) / 6
+        for dots in (student_dots, teacher_dots)
+    )
+    assert method.log_z.tolist() == pytest.approx([math.log(z_s), math.log(z_t)], rel=1e-5)
+    expected = [
+        hand_nce(student_dots[i], z_s, c, tau) + hand_nce(teacher_dots[i], z_t, c, tau)
+        for i in range(2)
+    ]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-4)
+    loss.sum().backward()
+    assert torch.isfinite(s.grad).all()
 
 
 def test_memory_momentum_update_by_hand() -> None:
@@ -107,15 +130,15 @@ def test_z_is_fixed_after_first_batch_and_eval_changes_nothing() -> None:
     index = torch.tensor(INDEX)
     method.eval()
     method.loss(outputs(torch.tensor(STUDENT), torch.tensor(TEACHER), index))
-    assert method.z.tolist() == [-1.0, -1.0]  # eval mode: Z used, not stored
+    assert method.log_z.isnan().all()  # eval mode: Z used, not stored
     assert method.memory_t.tolist() == MEMORY_T
     method.train()
     method.loss(outputs(torch.tensor(STUDENT), torch.tensor(TEACHER), index))
-    z_first = method.z.clone()
-    assert (z_first > 0).all()
+    z_first = method.log_z.clone()
+    assert torch.isfinite(z_first).all()
     other = torch.tensor([[-2.0, 1.0], [0.0, 5.0]])
     method.loss(outputs(other, other, index))
-    assert torch.equal(method.z, z_first)
+    assert torch.equal(method.log_z, z_first)
 
 
 def test_negatives_skip_the_positive_and_k_is_clamped() -> None:
@@ -136,13 +159,14 @@ def test_state_dict_holds_memories_and_z() -> None:
     method = hand_method()
     method.loss(outputs(torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(INDEX)))
     state = method.state_dict()
-    assert {"memory_s", "memory_t", "z", "embed_s.weight", "embed_t.weight"} <= set(state)
-    assert state["memory_s"].shape == (4, 2) and state["z"].shape == (2,)
+    assert {"memory_s", "memory_t", "log_z", "embed_s.weight", "embed_t.weight"} <= set(state)
+    assert state["memory_s"].shape == (4, 2) and state["log_z"].shape == (2,)
     fresh = CRD("s", "t", feat_dim=2, num_negatives=2, temperature=0.5)
     probe = outputs(torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(INDEX))
     fresh.setup(probe, StageContext(epochs=1, num_samples=4))
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.z, method.z) and torch.equal(fresh.memory_t, method.memory_t)
+    assert torch.equal(fresh.log_z, method.log_z)
+    assert torch.equal(fresh.memory_t, method.memory_t)
 
 
 def test_setup_initializes_unit_memories() -> None:
@@ -152,22 +176,30 @@ def test_setup_initializes_unit_memories() -> None:
     assert method.memory_s.shape == method.memory_t.shape == (10, 128)
     norms = torch.cat([method.memory_s, method.memory_t]).norm(dim=1)
     assert norms.tolist() == pytest.approx([1.0] * 20, abs=1e-5)
-    assert method.z.tolist() == [-1.0, -1.0]
+    assert method.log_z.isnan().all()
     assert not torch.equal(method.memory_s, method.memory_t)
 
 
 def test_gradients_reach_student_and_embeddings_only() -> None:
-    method = CRD("s", "t", feat_dim=4, num_negatives=3)
     s = torch.randn(3, 5, requires_grad=True)
-    t = torch.randn(3, 6)
-    method.setup(outputs(s.detach(), t, None), StageContext(1, 8))
-    method.loss(outputs(s, t, torch.tensor([0, 5, 7]))).sum().backward()
-    assert s.grad is not None and s.grad.abs().sum() > 0
-    assert t.grad is None
-    for p in method.parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0
-    for buffer in method.buffers():
-        assert buffer.grad is None and buffer.grad_fn is None
+    grads = []
+    for seed in (0, 1):  # two different teachers, the same method state and negatives
+        torch.manual_seed(seed)
+        t = torch.randn(3, 6)
+        torch.manual_seed(2)
+        method = CRD("s", "t", feat_dim=4, num_negatives=3)
+        method.setup(outputs(s.detach(), t, None), StageContext(1, 8))
+        s.grad = None
+        method.loss(outputs(s, t, torch.tensor([0, 5, 7]))).sum().backward()
+        assert s.grad is not None and s.grad.abs().sum() > 0
+        grads.append(s.grad.clone())
+        for p in method.parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0
+        for buffer in method.buffers():
+            assert buffer.grad is None and buffer.grad_fn is None
+    # The student gets gradient only through its own anchor against the constant teacher
+    # memory (rows untouched by these teachers' features, which only update it after).
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_defaults_and_bad_arguments() -> None:
@@ -205,39 +237,53 @@ def indexed(loader: DataLoader) -> DataLoader:
     return DataLoader(dataset, batch_size=32, shuffle=False)
 
 
-def test_training_step_leaves_teacher_unchanged(student, teacher, tiny_data, monkeypatch) -> None:
+def test_training_step_leaves_live_teacher_untouched(
+    student, live_teacher, tiny_data, monkeypatch
+) -> None:
     monkeypatch.setitem(smskd.methods.registry.METHODS, "crd", CRD)
-    train, _ = tiny_data
-    train = indexed(train)
-    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    train = indexed(tiny_data[0])
     stage = Stage(methods=["crd"], epochs=1, ce_weight=0.0)
-    batch = next(iter(train))
     models, methods = _build_stage(
-        stage, student, teacher, None, batch, torch.device("cpu"), num_samples=128
+        stage, student, live_teacher, None, next(iter(train)), torch.device("cpu"), 128
     )
-    objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
-    student.train()
-    total, _ = step_loss(models, objective, *batch)
-    total.backward()
-    assert total.item() > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    for p in methods[0].parameters():
-        assert p.grad is not None
-    for key, value in teacher.state_dict().items():
-        assert torch.equal(value, teacher_before[key]), key
-    models.student_taps.remove()
-    models.teacher_taps.remove()
+    try:
+        # Snapshot after the build: its probe forward runs the teacher in the mode it is
+        # handed in (run_stages freezes it before); from here on the stage must keep it.
+        before = {k: v.clone() for k, v in live_teacher.state_dict().items()}
+        objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
+        params = list(student.parameters()) + list(methods[0].parameters())
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        params_before = [p.clone() for p in params]
+        models.train()
+        for batch in list(train)[:2]:
+            optimizer.zero_grad()
+            total, _ = step_loss(models, objective, *batch)
+            total.backward()
+            optimizer.step()
+        assert total.item() > 0
+        moved = [not torch.equal(p, q) for p, q in zip(params, params_before, strict=True)]
+        assert all(moved[len(list(student.parameters())) :])  # g_S, g_T learn
+        assert any(moved)
+        assert all(p.requires_grad and p.grad is None for p in live_teacher.parameters())
+        for key, value in live_teacher.state_dict().items():  # BN statistics included
+            assert torch.equal(value, before[key]), key
+    finally:
+        models.student_taps.remove()
+        models.teacher_taps.remove()
 
 
-def test_two_stage_run(student, teacher, tiny_data, monkeypatch) -> None:
+def test_two_stage_run(student, live_teacher, tiny_data, monkeypatch) -> None:
     monkeypatch.setitem(smskd.methods.registry.METHODS, "crd", CRD)
     train, test = tiny_data
+    before = {k: v.clone() for k, v in live_teacher.state_dict().items()}
     stages = [Stage(methods=["kd"], epochs=1), Stage(methods=["crd"], epochs=1)]
     result = run_stages(
-        student, teacher, stages, indexed(train), test, progress=False, log=lambda _: None
+        student, live_teacher, stages, indexed(train), test, progress=False, log=lambda _: None
     )
-    assert math.isfinite(result.history[-1]["train_crd"])
+    assert result.history[-1]["stage"] == 2 and math.isfinite(result.history[-1]["train_crd"])
+    for key, value in live_teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in live_teacher.parameters())
 
 
 def test_run_without_index_is_a_user_error(student, teacher, tiny_data, monkeypatch) -> None:

@@ -46,6 +46,43 @@ def test_dist_by_hand() -> None:
     assert loss.item() == pytest.approx(INTER + INTRA, rel=1e-5)
 
 
+# Three samples, so the intra-class correlations are not ±1. Columns in units of 1/30
+# (student rows as above plus (0.3, 0.4, 0.3); teacher rows plus (0.2, 0.2, 0.6)):
+# class 0: student (15, 6, 9) − 10 = (5, −4, −1), teacher (18, 3, 6) − 9 = (9, −6, −3)
+# class 1: student (9, 6, 12) − 9 = (0, −3, 3), teacher (9, 15, 6) − 10 = (−1, 5, −4)
+# class 2: student (6, 18, 9) − 11 = (−5, 7, −2), teacher (3, 12, 18) − 11 = (−8, 1, 7)
+STUDENT3 = [*STUDENT, [0.3, 0.4, 0.3]]
+TEACHER3 = [*TEACHER, [0.2, 0.2, 0.6]]
+RHO3 = [
+    (45 + 24 + 3) / math.sqrt(42 * 126),
+    (0 - 15 - 12) / math.sqrt(18 * 42),
+    (40 + 7 - 14) / math.sqrt(78 * 114),
+]
+INTRA3 = 1 - sum(RHO3) / 3
+
+
+def test_dist_intra_class_three_samples_by_hand() -> None:
+    assert all(0.3 < abs(r) < 0.999 for r in RHO3)
+    out = outputs(torch.tensor(STUDENT3).log(), torch.tensor(TEACHER3).log())
+    loss = DIST(beta=0.0, gamma=1.0, temperature=1.0).loss(out)
+    assert loss.item() == pytest.approx(INTRA3, rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["uniform", "same_row_for_the_batch"])
+def test_dist_gradient_stays_moderate_for_constant_student(case: str) -> None:
+    # Exact Pearson is 0/0 here and its gradient grows like 1/spread near it; the
+    # official ε-form gives ~3·10⁶ on this input, the spread floor ~3·10² (the level
+    # the exact loss reaches at a spread of ~10⁻³).
+    torch.manual_seed(0)
+    t = torch.randn(8, 10) * 3
+    s = torch.zeros(8, 10) if case == "uniform" else torch.randn(1, 10).expand(8, 10)
+    s = s.clone().requires_grad_()
+    loss = DIST().loss(outputs(s, t))
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert s.grad.abs().max().item() < 1e3
+
+
 def test_dist_weights_and_temperature_by_hand() -> None:
     # Logits 2·log p at τ = 2 give back the same probabilities; the loss gains τ² = 4.
     inter_only = DIST(beta=1.0, gamma=0.0, temperature=2.0).loss(by_hand_outputs(2.0))
@@ -80,33 +117,52 @@ def test_dist_rejects_bad_options(kwargs: dict) -> None:
         DIST(**kwargs)
 
 
-def test_dist_gradients_reach_student_only(student, teacher, tiny_data, monkeypatch) -> None:
+def test_dist_training_step_leaves_live_teacher_untouched(
+    student, live_teacher, tiny_data, monkeypatch
+) -> None:
     monkeypatch.setitem(smskd.methods.registry.METHODS, "dist", DIST)
-    train, test = tiny_data
-    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    train, _ = tiny_data
     stage = Stage(methods=["dist"], epochs=1, ce_weight=0.0)
     models, methods = _build_stage(
-        stage, student, teacher, None, next(iter(test)), torch.device("cpu")
+        stage, student, live_teacher, None, next(iter(train)), torch.device("cpu")
     )
-    assert list(methods[0].parameters()) == []  # no helpers
-    objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
-    x, y = next(iter(train))
-    student.train()
-    total, _ = step_loss(models, objective, x, y, None)
-    total.backward()
-    assert total.item() > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    for key, value in teacher.state_dict().items():
-        assert torch.equal(value, teacher_before[key]), key
-    models.student_taps.remove()
-    models.teacher_taps.remove()
+    try:
+        # Snapshot after the build: its probe forward runs the teacher in the mode it is
+        # handed in (run_stages freezes it before); from here on the stage must keep it.
+        before = {k: v.clone() for k, v in live_teacher.state_dict().items()}
+        assert list(methods[0].parameters()) == []  # no helpers
+        objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+        student_before = [p.clone() for p in student.parameters()]
+        models.train()
+        for x, y in list(train)[:2]:
+            optimizer.zero_grad()
+            total, _ = step_loss(models, objective, x, y, None)
+            total.backward()
+            optimizer.step()
+        assert total.item() > 0
+        moved = [
+            not torch.equal(p, q) for p, q in zip(student.parameters(), student_before, strict=True)
+        ]
+        assert any(moved)
+        assert all(p.requires_grad and p.grad is None for p in live_teacher.parameters())
+        for key, value in live_teacher.state_dict().items():  # BN statistics included
+            assert torch.equal(value, before[key]), key
+    finally:
+        models.student_taps.remove()
+        models.teacher_taps.remove()
 
 
-def test_dist_in_two_stage_run(student, teacher, tiny_data, monkeypatch) -> None:
+def test_dist_in_two_stage_run(student, live_teacher, tiny_data, monkeypatch) -> None:
     monkeypatch.setitem(smskd.methods.registry.METHODS, "dist", DIST)
     train, test = tiny_data
+    before = {k: v.clone() for k, v in live_teacher.state_dict().items()}
     stages = [Stage(methods=["kd"], epochs=1), Stage(methods=["dist"], epochs=1)]
-    result = run_stages(student, teacher, stages, train, test, progress=False, log=lambda _: None)
+    result = run_stages(
+        student, live_teacher, stages, train, test, progress=False, log=lambda _: None
+    )
     last = result.history[-1]
     assert last["stage"] == 2 and math.isfinite(last["train_dist"]) and last["train_dist"] > 0
+    for key, value in live_teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in live_teacher.parameters())

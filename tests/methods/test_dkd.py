@@ -10,7 +10,8 @@ import torch
 import smskd.methods.registry
 from smskd.config import ReferenceConfig, Stage
 from smskd.engine import StageObjective, step_loss
-from smskd.methods.base import Outputs
+from smskd.errors import UserError
+from smskd.methods.base import Outputs, StageContext
 from smskd.methods.dkd import DKD
 from smskd.methods.kd import KD
 from smskd.pipeline import _build_stage, run_stages
@@ -82,6 +83,34 @@ def test_dkd_finite_for_confident_teacher_and_student() -> None:
     assert torch.isfinite(loss).all() and torch.isfinite(s.grad).all()
 
 
+def test_dkd_teacher_with_minus_inf_logits_by_hand() -> None:
+    # Row 0: teacher (0.5, 0, 0.5), label 0: same target masses as sample 0 above, so
+    # TCKD_0; non-target teacher (0, 1) against student (1/3, 2/3): 1·log(1/(2/3)).
+    # Row 1: teacher (1, 0, 0): NCKD has nothing to match (0), TCKD = 1·log(1/0.25).
+    inf = float("inf")
+    t = torch.tensor([[math.log(0.5), -inf, math.log(0.5)], [0.0, -inf, -inf]])
+    s = torch.tensor([[0.25, 0.25, 0.5], [0.25, 0.25, 0.5]]).log().requires_grad_()
+    loss = DKD(temperature=1.0, warmup=0).loss(outputs(s, t, [0, 0]))
+    assert loss.tolist() == pytest.approx([TCKD_0 + 8 * math.log(1.5), math.log(4)], rel=1e-5)
+    loss.sum().backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_dkd_defaults() -> None:
+    method = DKD()
+    assert (method.alpha, method.beta, method.temperature, method.warmup) == (1.0, 8.0, 4.0, 20)
+    assert DKD.default_weight == 1.0 and DKD.family == "response" and not DKD.needs_index
+
+
+def test_dkd_setup_rejects_one_class_and_mismatched_logits() -> None:
+    one = outputs(torch.zeros(2, 1), torch.zeros(2, 1), [0, 0])
+    with pytest.raises(UserError, match=">= 2 classes, got 1"):
+        DKD().setup(one, StageContext(epochs=1, num_classes=1))
+    with pytest.raises(UserError, match=r"\(2, 3\).*\(2, 4\)"):
+        DKD().setup(outputs(torch.zeros(2, 3), torch.zeros(2, 4), [0, 0]), StageContext(1))
+    DKD().setup(outputs(torch.zeros(2, 2), torch.zeros(2, 2), [0, 1]), StageContext(1, None, 2))
+
+
 def test_dkd_warmup_through_start_epoch() -> None:
     out = by_hand_outputs()
     full = DKD(temperature=1.0, warmup=0).loss(out)
@@ -107,33 +136,52 @@ def test_dkd_rejects_bad_options(kwargs: dict) -> None:
         DKD(**kwargs)
 
 
-def test_dkd_gradients_reach_student_only(student, teacher, tiny_data, monkeypatch) -> None:
+def test_dkd_training_step_leaves_live_teacher_untouched(
+    student, live_teacher, tiny_data, monkeypatch
+) -> None:
     monkeypatch.setitem(smskd.methods.registry.METHODS, "dkd", DKD)
-    train, test = tiny_data
-    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    train, _ = tiny_data
     stage = Stage(methods=["dkd"], epochs=1, ce_weight=0.0)
     models, methods = _build_stage(
-        stage, student, teacher, None, next(iter(test)), torch.device("cpu")
+        stage, student, live_teacher, None, next(iter(train)), torch.device("cpu")
     )
-    assert list(methods[0].parameters()) == []  # no helpers
-    objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
-    x, y = next(iter(train))
-    student.train()
-    total, _ = step_loss(models, objective, x, y, None)
-    total.backward()
-    assert total.item() > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    for key, value in teacher.state_dict().items():
-        assert torch.equal(value, teacher_before[key]), key
-    models.student_taps.remove()
-    models.teacher_taps.remove()
+    try:
+        # Snapshot after the build: its probe forward runs the teacher in the mode it is
+        # handed in (run_stages freezes it before); from here on the stage must keep it.
+        before = {k: v.clone() for k, v in live_teacher.state_dict().items()}
+        assert list(methods[0].parameters()) == []  # no helpers
+        objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+        student_before = [p.clone() for p in student.parameters()]
+        models.train()
+        for x, y in list(train)[:2]:
+            optimizer.zero_grad()
+            total, _ = step_loss(models, objective, x, y, None)
+            total.backward()
+            optimizer.step()
+        assert total.item() > 0
+        moved = [
+            not torch.equal(p, q) for p, q in zip(student.parameters(), student_before, strict=True)
+        ]
+        assert any(moved)
+        assert all(p.requires_grad and p.grad is None for p in live_teacher.parameters())
+        for key, value in live_teacher.state_dict().items():  # BN statistics included
+            assert torch.equal(value, before[key]), key
+    finally:
+        models.student_taps.remove()
+        models.teacher_taps.remove()
 
 
-def test_dkd_in_two_stage_run(student, teacher, tiny_data, monkeypatch) -> None:
+def test_dkd_in_two_stage_run(student, live_teacher, tiny_data, monkeypatch) -> None:
     monkeypatch.setitem(smskd.methods.registry.METHODS, "dkd", DKD)
     train, test = tiny_data
+    before = {k: v.clone() for k, v in live_teacher.state_dict().items()}
     stages = [Stage(methods=["kd"], epochs=1), Stage(methods=["dkd"], epochs=1)]
-    result = run_stages(student, teacher, stages, train, test, progress=False, log=lambda _: None)
+    result = run_stages(
+        student, live_teacher, stages, train, test, progress=False, log=lambda _: None
+    )
     last = result.history[-1]
     assert last["stage"] == 2 and math.isfinite(last["train_dkd"]) and last["train_dkd"] > 0
+    for key, value in live_teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in live_teacher.parameters())

@@ -11,7 +11,7 @@ import smskd.methods.registry
 from smskd.config import ReferenceConfig, Stage
 from smskd.engine import StageObjective, step_loss
 from smskd.methods.base import Outputs
-from smskd.methods.lskd import LSKD
+from smskd.methods.lskd import LSKD, STD_FLOOR, zscore
 from smskd.pipeline import _build_stage, run_stages
 
 
@@ -58,11 +58,36 @@ def test_lskd_zero_for_affine_student() -> None:
     assert LSKD().loss(outputs(-t, t)).min().item() > 0.1
 
 
-def test_lskd_constant_student_logits_give_finite_gradient() -> None:
-    s = torch.zeros(2, 4, requires_grad=True)
-    loss = LSKD().loss(outputs(s, torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 1.0]])))
+def test_lskd_constant_student_logits_give_moderate_gradient() -> None:
+    # A constant row maps to Z = 0 (softmax uniform, q = 1/4) and, with σ floored at
+    # 0.01, dZ/ds = (I − 1/K)/0.01; so ∂[τ²·KL]/∂s = τ·(q − p)/0.01 = 200·(q − p) at
+    # τ = 2 (the official +10⁻⁷ would give 2·10⁷·(q − p)).
+    # Teacher (1, 0, 0, 2): mean 0.75, σ² = (0.0625 + 0.5625 + 0.5625 + 1.5625)/4 = 0.6875.
+    sigma = math.sqrt(0.6875)
+    e = [math.exp((v - 0.75) / sigma / 2) for v in (1.0, 0.0, 0.0, 2.0)]
+    p = [x / sum(e) for x in e]
+    s = torch.zeros(1, 4, requires_grad=True)
+    loss = LSKD().loss(outputs(s, torch.tensor([[1.0, 0.0, 0.0, 2.0]])))
     loss.sum().backward()
-    assert torch.isfinite(loss).all() and torch.isfinite(s.grad).all()
+    assert s.grad[0].tolist() == pytest.approx([200 * (0.25 - pi) for pi in p], rel=1e-4)
+    assert s.grad.abs().max().item() < 200
+
+
+def test_zscore_floor_and_exact_above_it() -> None:
+    # (0, 0.01): σ = 0.005 < 0.01 → (∓0.005)/0.01; (0, 0.04): σ = 0.02 → exactly (−1, 1).
+    z = zscore(torch.tensor([[0.0, 0.01], [0.0, 0.04], [3.0, 3.0]]))
+    assert z.tolist() == [pytest.approx([-0.5, 0.5]), pytest.approx([-1.0, 1.0]), [0.0, 0.0]]
+    assert STD_FLOOR == 0.01
+
+
+def test_lskd_huge_logits_do_not_overflow() -> None:
+    # σ² of logits ~10²⁰ is inf in float32; the loss is scale-free, so it must not change.
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    small = LSKD().loss(outputs(s, t))
+    huge = LSKD().loss(outputs(s * 1e20, t * 3e37))
+    assert torch.isfinite(huge).all()
+    torch.testing.assert_close(huge, small, rtol=1e-5, atol=1e-6)
 
 
 def test_lskd_defaults() -> None:
@@ -72,33 +97,52 @@ def test_lskd_defaults() -> None:
         LSKD(temperature=0.0)
 
 
-def test_lskd_gradients_reach_student_only(student, teacher, tiny_data, monkeypatch) -> None:
+def test_lskd_training_step_leaves_live_teacher_untouched(
+    student, live_teacher, tiny_data, monkeypatch
+) -> None:
     monkeypatch.setitem(smskd.methods.registry.METHODS, "lskd", LSKD)
-    train, test = tiny_data
-    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    train, _ = tiny_data
     stage = Stage(methods=["lskd"], epochs=1, ce_weight=0.0)
     models, methods = _build_stage(
-        stage, student, teacher, None, next(iter(test)), torch.device("cpu")
+        stage, student, live_teacher, None, next(iter(train)), torch.device("cpu")
     )
-    assert list(methods[0].parameters()) == []  # no helpers
-    objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
-    x, y = next(iter(train))
-    student.train()
-    total, _ = step_loss(models, objective, x, y, None)
-    total.backward()
-    assert total.item() > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    for key, value in teacher.state_dict().items():
-        assert torch.equal(value, teacher_before[key]), key
-    models.student_taps.remove()
-    models.teacher_taps.remove()
+    try:
+        # Snapshot after the build: its probe forward runs the teacher in the mode it is
+        # handed in (run_stages freezes it before); from here on the stage must keep it.
+        before = {k: v.clone() for k, v in live_teacher.state_dict().items()}
+        assert list(methods[0].parameters()) == []  # no helpers
+        objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+        student_before = [p.clone() for p in student.parameters()]
+        models.train()
+        for x, y in list(train)[:2]:
+            optimizer.zero_grad()
+            total, _ = step_loss(models, objective, x, y, None)
+            total.backward()
+            optimizer.step()
+        assert total.item() > 0
+        moved = [
+            not torch.equal(p, q) for p, q in zip(student.parameters(), student_before, strict=True)
+        ]
+        assert any(moved)
+        assert all(p.requires_grad and p.grad is None for p in live_teacher.parameters())
+        for key, value in live_teacher.state_dict().items():  # BN statistics included
+            assert torch.equal(value, before[key]), key
+    finally:
+        models.student_taps.remove()
+        models.teacher_taps.remove()
 
 
-def test_lskd_in_two_stage_run(student, teacher, tiny_data, monkeypatch) -> None:
+def test_lskd_in_two_stage_run(student, live_teacher, tiny_data, monkeypatch) -> None:
     monkeypatch.setitem(smskd.methods.registry.METHODS, "lskd", LSKD)
     train, test = tiny_data
+    before = {k: v.clone() for k, v in live_teacher.state_dict().items()}
     stages = [Stage(methods=["kd"], epochs=1), Stage(methods=["lskd"], epochs=1)]
-    result = run_stages(student, teacher, stages, train, test, progress=False, log=lambda _: None)
+    result = run_stages(
+        student, live_teacher, stages, train, test, progress=False, log=lambda _: None
+    )
     last = result.history[-1]
     assert last["stage"] == 2 and math.isfinite(last["train_lskd"]) and last["train_lskd"] > 0
+    for key, value in live_teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in live_teacher.parameters())

@@ -31,24 +31,29 @@ class CRD(DistillMethod):
     After the loss, under ``no_grad`` and only in training mode, rows ``i`` move to
     ``normalize(m·M_i + (1 − m)·v_i)`` with momentum m = 0.5. ``Z`` (one per term) is
     set once, on the first training batch, to ``N · mean exp(v·m/τ)`` over its
-    positives and negatives, and kept in the ``z`` buffer so a resumed run uses the
-    same constant. The paper's critic writes ``h`` without ``Z``; the official code
-    (following Wu et al. 2018) divides by it, and so do we. Defaults K = 16384,
-    τ = 0.07, m = 0.5, feat_dim = 128 are the official ones; K is clamped to N − 1
-    for small training sets. The loss is a sum over the positive and the K negatives
-    of each sample, so it is per sample (shape ``[B]``); its batch mean equals the
-    official ``s_loss + t_loss``. Default weight β = 0.8, the CRD weight (``-b 0.8``)
-    of RepDistiller's CIFAR-100 scripts, both alone and with KD.
+    positives and negatives, and kept so a resumed run uses the same constant; it is
+    stored as ``log Z`` in the ``log_z`` buffer (NaN until set) and the loss is computed
+    in log space, because ``exp(v·m/τ)`` overflows float32 for τ ≲ 0.011. The paper's
+    critic writes ``h`` without ``Z``; the official code (following Wu et al. 2018)
+    divides by it, and so do we. Defaults K = 16384, τ = 0.07, m = 0.5, feat_dim = 128
+    are the official ones; K is clamped to N − 1 for small training sets. The loss is a
+    sum over the positive and the K negatives of each sample, so it is per sample
+    (shape ``[B]``); its batch mean equals the official ``s_loss + t_loss``. Default
+    weight β = 0.8, the CRD weight (``-b 0.8``) of RepDistiller's CIFAR-100 scripts,
+    both alone and with KD.
 
-    Deviations from the official code, none of which changes the objective:
-    negatives are drawn uniformly with replacement from the N − 1 *other* samples
-    with torch's global RNG (reproducible and resumable); the official CIFAR loader
-    draws them without replacement from samples of other classes, which needs every
-    label up front and belongs in a data loader, not in a loss. The memory banks are
-    L2-normalized at initialization (the official uniform rows have norm ≈ 1 only on
-    average). The NCE terms are evaluated as softplus of log-ratios, so the official
-    ε = 1e-7 in the denominators is not needed. One host sync per step checks the
-    sample indices, so that a bad index is a readable error, not a CUDA assert.
+    Deviations from the official code. Negatives are drawn uniformly with replacement
+    from the N − 1 *other* samples with torch's global RNG (reproducible and
+    resumable). The official CIFAR loader draws them (without replacement when it can)
+    from samples of *other classes* only; that needs every label up front and belongs
+    in a data loader, not in a loss. This changes the objective: about 1/C of our
+    negatives share the anchor's class (≈ 1% on CIFAR-100, ≈ 10% on a 10-class set)
+    and are pushed away although the official code never does so, which may matter
+    on few-class data. The memory banks are L2-normalized at initialization (the
+    official uniform rows have norm ≈ 1 only on average). The NCE terms are evaluated
+    as softplus of log-ratios, so the official ε = 1e-7 in the denominators is not
+    needed. One host sync per step checks the sample indices, so that a bad index is a
+    readable error, not a CUDA assert.
     """
 
     name = "crd"
@@ -105,8 +110,8 @@ class CRD(DistillMethod):
         for bank in ("memory_s", "memory_t"):
             rows = torch.rand(n, self.feat_dim, device=device) * 2 - 1
             self.register_buffer(bank, F.normalize(rows, dim=1))
-        # Z for the student-anchor and the teacher-anchor term; < 0 means "not yet set".
-        self.register_buffer("z", torch.full((2,), -1.0, device=device))
+        # log Z for the student-anchor and the teacher-anchor term; NaN means "not yet set".
+        self.register_buffer("log_z", torch.full((2,), float("nan"), device=device))
 
     def sample_negatives(self, index: Tensor) -> Tensor:
         """``[B, K]`` indices, uniform over the N − 1 positions other than each ``index``."""
@@ -134,11 +139,13 @@ class CRD(DistillMethod):
         """Per-sample NCE of ``anchor`` against bank rows ``candidates`` (positive first)."""
         logits = torch.einsum("bkd,bd->bk", bank[candidates], anchor) / self.temperature
         n = len(bank)
-        # torch.where, not `if z < 0`: no host sync. Outside training Z is used, not set.
-        z = torch.where(self.z[slot] > 0, self.z[slot], logits.detach().exp().mean() * n)
+        # log(N · mean exp(logits)), never forming exp(logits).
+        fresh = torch.logsumexp(logits.detach().flatten(), 0) + math.log(n / logits.numel())
+        # torch.where, not `if isnan`: no host sync. Outside training Z is used, not set.
+        log_z = torch.where(self.log_z[slot].isnan(), fresh, self.log_z[slot])
         if self.training:
-            self.z[slot] = z
-        log_p = logits - z.log()
+            self.log_z[slot] = log_z
+        log_p = logits - log_z
         log_c = math.log(self.k / n)
         # −log P/(P + c) = softplus(log c − log P);  −log c/(P + c) = softplus(log P − log c).
         return F.softplus(log_c - log_p[:, 0]) + F.softplus(log_p[:, 1:] - log_c).sum(dim=1)
