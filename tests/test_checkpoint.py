@@ -67,7 +67,9 @@ def test_state_dict_from_plain_file_or_run_checkpoint(tmp_path: Path) -> None:
     model = torch.nn.Linear(2, 2)
     atomic_save(model.state_dict(), tmp_path / "plain.pt")
     atomic_save({"student": model.state_dict(), "epoch": 3}, tmp_path / "run.pt")
-    for name in ("plain.pt", "run.pt"):
+    # RepDistiller's teacher checkpoints: {"epoch", "model", "accuracy", "optimizer"}.
+    atomic_save({"epoch": 240, "model": model.state_dict(), "accuracy": 79.3}, tmp_path / "rd.pt")
+    for name in ("plain.pt", "run.pt", "rd.pt"):
         assert set(load_state_dict(tmp_path / name)) == {"weight", "bias"}
 
 

@@ -59,8 +59,11 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A model's weights from ``path``: a plain state_dict or a run checkpoint."""
     state = safe_load(path)
-    if isinstance(state, dict) and isinstance(state.get("student"), dict):
-        state = state["student"]
+    # Our run checkpoints keep it under "student"; RepDistiller/mdistiller's under "model".
+    for key in ("student", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"checkpoint {str(path)!r} holds no model state_dict")
     return state
