@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from smskd.config import ReferenceConfig
-from smskd.methods.kd import soft_kl
+from smskd.methods.functional import soft_kl
 
 
 def make_reference(student: nn.Module) -> nn.Module:

@@ -11,7 +11,8 @@ import smskd.methods.registry
 from smskd.config import ReferenceConfig, Stage
 from smskd.engine import StageObjective, step_loss
 from smskd.methods import Outputs, StageContext
-from smskd.methods.sp import SP, unit_rows
+from smskd.methods.functional import unit_rows
+from smskd.methods.sp import SP
 from smskd.pipeline import _build_stage, run_stages
 
 CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)

@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from smskd.methods.base import DistillMethod, Outputs, StageContext
-from smskd.methods.sp import unit_rows
+from smskd.methods.functional import unit_rows
 
 
 def correlation_matrix(embeddings: Tensor, gamma: float, order: int) -> Tensor:

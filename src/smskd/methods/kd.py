@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from smskd.methods.base import DistillMethod, Outputs
-
-
-def soft_kl(student_logits: Tensor, target_logits: Tensor, temperature: float) -> Tensor:
-    """Per-sample ``KL(softmax(target/τ) ‖ softmax(student/τ)) · τ²``, shape ``[B]``.
-
-    The τ² factor keeps gradient magnitudes comparable across temperatures
-    (Hinton et al. 2015, §2).
-    """
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_target = F.log_softmax(target_logits / temperature, dim=1)
-    kl = (log_p_target.exp() * (log_p_target - log_p_student)).sum(dim=1)
-    return kl * temperature**2
+from smskd.methods.functional import soft_kl
 
 
 class KD(DistillMethod):

@@ -7,7 +7,7 @@ import math
 from torch import Tensor
 
 from smskd.methods.base import DistillMethod, Outputs
-from smskd.methods.kd import soft_kl
+from smskd.methods.functional import soft_kl
 
 STD_FLOOR = 1e-2
 """Standard deviation (in logit units) below which a row of logits counts as constant."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from smskd.methods.base import DistillMethod, Outputs
-from smskd.methods.sp import unit_rows
+from smskd.methods.functional import unit_rows
 
 
 def conditional_probabilities(features: Tensor) -> Tensor:
