@@ -38,7 +38,7 @@ def results_table(rows: list[Row], teacher_acc: float | None = None) -> str:
     """Markdown table; the best final accuracy among the rows is bold."""
     best = max((r.final_acc for r in rows), default=None)
     lines = [
-        "| recipe | stages | test acc (last epoch) | test acc (best epoch) | wall time |",
+        "| recipe | stages | test acc (last epoch) | test acc (best epoch) | train+eval time |",
         "|---|---|---:|---:|---:|",
     ]
     if teacher_acc is not None:
