@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from smskd.errors import UserError
+from smskd.interrupt import RunStopped
 
 EXAMPLES = {
     "quickstart": "smskd quickstart --out runs/quickstart",
@@ -223,6 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"smskd: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stopped:
+        again = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--force"]
+        hint = " ".join(["smskd", *again, *([] if "--resume" in again else ["--resume"])])
+        print(f"smskd: {stopped}; continue with: {hint}", file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
         print("smskd: interrupted; continue the run with --resume", file=sys.stderr)
         return 130

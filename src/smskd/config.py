@@ -245,6 +245,10 @@ class RunConfig(_Strict):
     student: StudentConfig
     stages: list[Stage] = Field(min_length=1)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    # A checkpoint after every epoch always; also every N training steps when set.
+    checkpoint_every_steps: int | None = Field(default=None, gt=0)
+    # NaN/Inf loss: stop the run naming stage/epoch/step, or skip the batch and count it.
+    nonfinite: Literal["stop", "skip"] = "stop"
 
     @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:

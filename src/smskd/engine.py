@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smskd.checkpoint import set_rng_state
 from smskd.config import ReferenceConfig
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs
@@ -114,6 +116,33 @@ def step_loss(
     return total, {k: v.detach() for k, v in terms.items()}
 
 
+@dataclass
+class EpochProgress:
+    """A partly done epoch: enough to resume it exactly, metrics included."""
+
+    steps: int = 0  # batches consumed, skipped ones included
+    skipped: int = 0  # batches whose loss was not finite (nonfinite="skip")
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    first_nonfinite: int | None = None  # step of the first non-finite loss ("stop")
+    rng: dict[str, Any] | None = None  # RNG states to restore once the batches are drawn
+    _bad_step: Tensor | None = None  # the same, still on the device
+
+    def nonfinite_step(self) -> int | None:
+        """The first non-finite step, if any (one host sync: call it rarely)."""
+        if self.first_nonfinite is None and self._bad_step is not None:
+            step = int(self._bad_step.item())
+            self.first_nonfinite = step if step >= 0 else None
+        return self.first_nonfinite
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN/Inf at ``step`` (1-based within the epoch)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"the loss became non-finite at step {step}")
+        self.step = step
+
+
 def train_epoch(
     models: StageModels,
     objective: StageObjective,
@@ -121,28 +150,67 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     on_step: Callable[[dict[str, Tensor]], None] | None = None,
+    *,
+    progress: EpochProgress | None = None,
+    after_step: Callable[[EpochProgress], None] | None = None,
+    nonfinite: str = "stop",
 ) -> dict[str, float]:
-    """One pass over ``batches``; returns the mean of every loss term."""
+    """One pass over ``batches``; returns the mean of every loss term.
+
+    ``progress`` resumes a partly done epoch: its first ``progress.steps`` batches are
+    drawn and discarded (the loader's order is fixed per epoch) and its sums carried.
+    ``nonfinite="stop"`` notes a NaN/Inf loss on the device without a per-step sync
+    and raises :class:`NonFiniteLoss` at the end of the epoch (or when
+    ``after_step`` asks); ``"skip"`` leaves such a batch out of the update, at the
+    price of one host sync per step.
+    """
     models.train()
-    sums: dict[str, Tensor] = {}
-    steps = 0
-    for batch in batches:
+    progress = progress or EpochProgress()
+    already_done = progress.steps
+    iterator = iter(batches)
+    if progress.rng is not None:
+        # After iter(): a DataLoader draws its base seed from the global RNG there, so
+        # the state saved mid-epoch (after that draw) must be restored after it too.
+        set_rng_state(progress.rng)
+        progress.rng = None
+    for position, batch in enumerate(iterator):
+        if position < already_done:
+            continue
         x, y, index = unpack_batch(batch, device)
         total, terms = step_loss(models, objective, x, y, index)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        for key, value in terms.items():
-            sums[key] = sums[key] + value if key in sums else value.clone()
-        steps += 1
+        progress.steps += 1
+        finite = torch.isfinite(total)
+        if nonfinite == "skip" and not finite.item():
+            progress.skipped += 1
+        else:
+            if nonfinite != "skip" and progress.first_nonfinite is None:
+                step = torch.tensor(progress.steps, device=total.device)
+                earlier = progress._bad_step
+                if earlier is None:
+                    earlier = torch.tensor(-1, device=total.device)
+                progress._bad_step = torch.where(~finite & (earlier < 0), step, earlier)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            for key, value in terms.items():
+                progress.sums[key] = progress.sums[key] + value if key in progress.sums else value
         if on_step is not None:
             on_step(terms)
-    if steps == 0:
+        if after_step is not None:
+            after_step(progress)
+    if progress.steps == 0:
         raise UserError("the training data yielded no batches; is the dataset empty?")
-    means = {key: (value / steps).item() for key, value in sums.items()}
+    if (step := progress.nonfinite_step()) is not None:
+        raise NonFiniteLoss(step)
+    counted = progress.steps - progress.skipped
+    if counted == 0:
+        raise NonFiniteLoss(1)  # every batch of the epoch was skipped
+    means = {key: (value / counted).item() for key, value in progress.sums.items()}
     if "ref_weight_sq_mean" in means:
         variance = max(means.pop("ref_weight_sq_mean") - means["ref_weight_mean"] ** 2, 0.0)
         means["ref_weight_std"] = variance**0.5
+    if nonfinite == "skip":
+        means["skipped_batches"] = progress.skipped
     return means
 
 

@@ -172,6 +172,8 @@ def train_teacher(
         resume=resume,
         progress=progress,
         name="teacher",
+        checkpoint_every_steps=cfg.checkpoint_every_steps,
+        nonfinite=cfg.nonfinite,
     )
     (out / "student.pt").replace(out / TEACHER_WEIGHTS)
     return result
@@ -246,6 +248,8 @@ def distill(
         resume=resume,
         progress=progress,
         name=name,
+        checkpoint_every_steps=cfg.checkpoint_every_steps,
+        nonfinite=cfg.nonfinite,
     )
 
 

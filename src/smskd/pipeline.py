@@ -7,13 +7,13 @@
         carry the student (only the student) into stage k+1
 
 Baselines are other stage lists through the same loop (see :mod:`smskd.recipes`).
-Each epoch ends with an atomic checkpoint; a run restarted with ``resume=True``
-continues after the last completed epoch, bit-identical on CPU for the same seed.
+Each epoch ends with an atomic checkpoint (and, if asked, every N steps; always on
+SIGINT/SIGTERM); a run restarted with ``resume=True`` continues from the last one,
+mid-epoch included, bit-identical on CPU for the same seed.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from smskd.checkpoint import atomic_save, load_state_dict, safe_load
+from smskd.checkpoint import atomic_save, load_state_dict, rng_state, safe_load, set_rng_state
 from smskd.config import OptimizerConfig, ReferenceConfig, ScheduleConfig, Stage
 from smskd.engine import (
+    EpochProgress,
+    NonFiniteLoss,
     StageModels,
     StageObjective,
     evaluate,
@@ -35,6 +37,7 @@ from smskd.engine import (
     unpack_batch,
 )
 from smskd.errors import UserError
+from smskd.interrupt import RunStopped, StopRequest
 from smskd.methods.base import DistillMethod, StageContext
 from smskd.methods.registry import build_method
 from smskd.reference import make_reference
@@ -238,34 +241,6 @@ def _setup_methods(
             method.to(device)
 
 
-def _training_state(
-    num_stages: int,
-    stage: int,
-    epoch: int,
-    global_epoch: int,
-    student: nn.Module,
-    methods: list[DistillMethod],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> dict[str, Any]:
-    """Everything a resume needs after ``epoch`` (completed) of ``stage`` (0-based)."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "num_stages": num_stages,
-        "stage": stage,
-        "epoch": epoch,
-        "global_epoch": global_epoch,
-        "student": student.state_dict(),
-        "methods": [m.state_dict() for m in methods],
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
-    }
-
-
 def run_stages(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -281,15 +256,24 @@ def run_stages(
     progress: bool = True,
     name: str = "smskd",
     log: Callable[[str], None] = tqdm.write,
+    checkpoint_every_steps: int | None = None,
+    nonfinite: str = "stop",
 ) -> RunResult:
     """Train ``student`` through ``stages``; return it with its per-epoch history.
 
     ``train_data`` and ``eval_data`` are any iterables of ``(x, y)`` or
     ``(x, y, index)`` batches (a ``DataLoader`` works). With ``out_dir`` the run
-    writes ``metrics.jsonl``, ``checkpoints/`` and the final ``student.pt``.
+    writes ``metrics.jsonl``, ``checkpoints/`` (after every epoch, and every
+    ``checkpoint_every_steps`` steps if set) and the final ``student.pt``;
+    SIGINT/SIGTERM then finish the current step, write a checkpoint and raise
+    :class:`~smskd.interrupt.RunStopped`. ``nonfinite``: ``"stop"`` ends the run
+    at a NaN/Inf loss naming stage, epoch and step (keeping the last good
+    checkpoint); ``"skip"`` leaves such batches out and counts them.
     """
     if not stages:
         raise UserError("the stage list is empty: give at least one Stage")
+    if nonfinite not in ("stop", "skip"):
+        raise UserError(f"nonfinite must be 'stop' or 'skip', not {nonfinite!r}")
     reference_cfg = reference or ReferenceConfig()
     if teacher is None and len(stages) > 1 and reference_cfg.needs_teacher:
         raise UserError(
@@ -302,131 +286,250 @@ def run_stages(
         if teacher is student:
             raise UserError("teacher and student are the same module object; pass two models")
         teacher.to(device).eval().requires_grad_(False)
+    run = _Run(
+        student,
+        teacher,
+        list(stages),
+        train_data,
+        eval_data,
+        reference_cfg,
+        seed,
+        device,
+        Path(out_dir) if out_dir is not None else None,
+        name,
+        log,
+        checkpoint_every_steps,
+        nonfinite,
+    )
+    return run.execute(resume, progress)
 
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    checkpoints = out / "checkpoints" if out is not None else None
-    metrics = MetricsLog(out / "metrics.jsonl" if out is not None else None)
 
-    start_stage, start_epoch, state = 0, 0, None
-    if resume and checkpoints is not None and (checkpoints / "last.pt").exists():
+@dataclass
+class _Run:
+    """The state one call of :func:`run_stages` shares across its stages and epochs."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    stages: list[Stage]
+    train_data: Iterable
+    eval_data: Iterable
+    reference_cfg: ReferenceConfig
+    seed: int
+    device: torch.device
+    out: Path | None
+    name: str
+    log: Callable[[str], None]
+    every_steps: int | None
+    nonfinite: str
+
+    def execute(self, resume: bool, progress: bool) -> RunResult:
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.out / "checkpoints" if self.out is not None else None
+        self.metrics = MetricsLog(self.out / "metrics.jsonl" if self.out is not None else None)
+        state = self._resume_state() if resume else None
+        start_stage, start_epoch = (state["stage"], state["epoch"]) if state else (0, 0)
+        if state is not None and start_epoch >= self.stages[start_stage].epochs:
+            start_stage, start_epoch, state = start_stage + 1, 0, None  # stage was complete
+        if resume and (state is not None or start_stage > 0):
+            step = f", step {state['step'] + 1}" if state and state.get("step") else ""
+            self.log(
+                f"{self.name}: resuming at stage {start_stage + 1}, epoch {start_epoch + 1}{step}"
+            )
+        self.global_epoch = sum(s.epochs for s in self.stages[:start_stage]) + start_epoch
+        self.metrics.keep_until(self.global_epoch)
+        steps = len(self.train_data) if hasattr(self.train_data, "__len__") else None  # type: ignore[arg-type]
+        remaining = sum(s.epochs for s in self.stages) - self.global_epoch
+        self.bar = _Progress(self.name, steps * remaining if steps else None, progress)
+        started = time.perf_counter()
+        try:
+            with StopRequest() as self.stop:
+                for k in range(start_stage, len(self.stages)):
+                    self._stage(k, start_epoch if k == start_stage else 0, state)
+                    state = None
+        finally:
+            self.bar.close()
+        if self.out is not None:
+            atomic_save(self.student.state_dict(), self.out / "student.pt")
+        return RunResult(self.student, list(self.metrics.records), time.perf_counter() - started)
+
+    def _resume_state(self) -> dict[str, Any] | None:
+        if self.checkpoints is None or not (self.checkpoints / "last.pt").exists():
+            return None
         # On the CPU: RNG states must stay CPU tensors; load_state_dict copies to the device.
-        state = safe_load(checkpoints / "last.pt", map_location="cpu")
-        if state.get("num_stages") != len(stages):
+        state = safe_load(self.checkpoints / "last.pt", map_location="cpu")
+        if state.get("num_stages") != len(self.stages):
             raise UserError(
-                f"cannot resume from {checkpoints / 'last.pt'}: it was written for "
-                f"{state.get('num_stages')} stages, this run has {len(stages)}"
+                f"cannot resume from {self.checkpoints / 'last.pt'}: it was written for "
+                f"{state.get('num_stages')} stages, this run has {len(self.stages)}"
             )
-        student.load_state_dict(state["student"])
-        start_stage, start_epoch = state["stage"], state["epoch"]
-        if start_epoch >= stages[start_stage].epochs:
-            start_stage, start_epoch, state = start_stage + 1, 0, None
-        log(f"{name}: resuming at stage {start_stage + 1}, epoch {start_epoch + 1}")
-    global_epoch = sum(s.epochs for s in stages[:start_stage]) + start_epoch
-    metrics.keep_until(global_epoch)
+        self.student.load_state_dict(state["student"])
+        return state
 
-    steps_per_epoch = len(train_data) if hasattr(train_data, "__len__") else None  # type: ignore[arg-type]
-    remaining = sum(s.epochs for s in stages) - global_epoch
-    bar = _Progress(name, steps_per_epoch * remaining if steps_per_epoch else None, progress)
-    started = time.perf_counter()
-    try:
-        for k in range(start_stage, len(stages)):
-            stage = stages[k]
-            stage_started = time.perf_counter()
-            ref_model = None
-            if k > 0 and reference_cfg.weighting != "none":
-                # Built before the stage's taps exist: a deep copy would copy the hooks.
-                ref_model = make_reference(student)
-                if state is not None and checkpoints is not None:
-                    ref_model.load_state_dict(load_state_dict(checkpoints / f"stage{k}.pt"))
-            torch.manual_seed(seed * 7919 + k)  # helpers' init does not depend on history
-            probe_batch = next(iter(train_data))
-            models, methods = _build_stage(
-                stage, student, teacher, ref_model, probe_batch, device, _num_samples(train_data)
-            )
+    def _stage(self, k: int, first_epoch: int, state: dict[str, Any] | None) -> None:
+        stage = self.stages[k]
+        started = time.perf_counter()
+        ref_model = None
+        if k > 0 and self.reference_cfg.weighting != "none":
+            # Built before the stage's taps exist: a deep copy would copy the hooks.
+            ref_model = make_reference(self.student)
+            if state is not None and self.checkpoints is not None:
+                ref_model.load_state_dict(load_state_dict(self.checkpoints / f"stage{k}.pt"))
+        torch.manual_seed(self.seed * 7919 + k)  # helpers' init does not depend on history
+        models, methods = _build_stage(
+            stage,
+            self.student,
+            self.teacher,
+            ref_model,
+            next(iter(self.train_data)),
+            self.device,
+            _num_samples(self.train_data),
+        )
+        try:
             objective = StageObjective(
                 stage.ce_weight,
                 [
                     (m, spec.weight if spec.weight is not None else m.default_weight)
                     for m, spec in zip(methods, stage.methods, strict=True)
                 ],
-                reference_cfg,
+                self.reference_cfg,
             )
-            params = list(student.parameters()) + [p for m in methods for p in m.parameters()]
+            params = list(self.student.parameters()) + [p for m in methods for p in m.parameters()]
             optimizer = build_optimizer(stage.optimizer, params)
             scheduler = build_scheduler(stage.schedule, optimizer, stage.epochs)
+            partial = None
             if state is not None:
                 for method, method_state in zip(methods, state["methods"], strict=True):
                     method.load_state_dict(method_state)
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
-                torch.set_rng_state(state["rng"]["torch"])
-                if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
-                    torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            first_epoch, state = (start_epoch if k == start_stage else 0), None
-            try:
-                for epoch in range(first_epoch, stage.epochs):
-                    global_epoch += 1
-                    bar.describe(k + 1, len(stages), stage.label, epoch + 1, stage.epochs)
-                    _set_epoch(train_data, global_epoch)
-                    for method in methods:
-                        method.start_epoch(epoch, stage.epochs)
-                    lr = optimizer.param_groups[0]["lr"]
-                    epoch_started = time.perf_counter()
-                    train = train_epoch(models, objective, train_data, optimizer, device, bar.step)
-                    if not math.isfinite(train["loss"]):
-                        raise UserError(
-                            f"{name}: loss became {train['loss']} in stage {k + 1} "
-                            f"({stage.label}), epoch {epoch + 1}; lower the learning rate or "
-                            "the method weights (the last good checkpoint is kept)"
-                        )
-                    scheduler.step()
-                    test = evaluate(student, eval_data, device)
-                    record = {
-                        "stage": k + 1,
-                        "stage_name": stage.label,
-                        "epoch": epoch + 1,
-                        "global_epoch": global_epoch,
-                        "lr": lr,
-                        **{f"train_{key}": value for key, value in train.items()},
-                        "test_acc": test["acc"],
-                        "test_loss": test["loss"],
-                        "epoch_time": time.perf_counter() - epoch_started,
-                    }
-                    # Metrics first: a resume drops records past its checkpoint, never misses one.
-                    metrics.log(record)
-                    if checkpoints is not None:
-                        if epoch + 1 == stage.epochs:
-                            # Before last.pt: a resume in stage k+2 rebuilds its reference from it.
-                            atomic_save(student.state_dict(), checkpoints / f"stage{k + 1}.pt")
-                        atomic_save(
-                            _training_state(
-                                len(stages),
-                                k,
-                                epoch + 1,
-                                global_epoch,
-                                student,
-                                methods,
-                                optimizer,
-                                scheduler,
-                            ),
-                            checkpoints / "last.pt",
-                        )
-                    bar.epoch_done(train["loss"], test["acc"])
-            finally:
-                _remove_taps(models)
-            stage_records = [r for r in metrics.records if r["stage"] == k + 1]
-            if stage_records:
-                log(
-                    f"{name}: stage {k + 1}/{len(stages)} {stage.label}: "
-                    f"test acc {stage_records[-1]['test_acc']:.2f}% "
-                    f"(best {max(r['test_acc'] for r in stage_records):.2f}%), "
-                    f"{time.perf_counter() - stage_started:.1f}s"
+                set_rng_state(state["rng"])
+                if state.get("step"):
+                    partial = EpochProgress(
+                        steps=state["step"],
+                        skipped=state.get("skipped", 0),
+                        sums={key: v.to(self.device) for key, v in state["sums"].items()},
+                        rng=state["rng"],
+                    )
+            parts = _StageParts(k, stage, models, methods, objective, optimizer, scheduler)
+            for epoch in range(first_epoch, stage.epochs):
+                self._epoch(parts, epoch, partial)
+                partial = None
+        finally:
+            _remove_taps(models)
+        records = [r for r in self.metrics.records if r["stage"] == k + 1]
+        if records:
+            self.log(
+                f"{self.name}: stage {k + 1}/{len(self.stages)} {stage.label}: "
+                f"test acc {records[-1]['test_acc']:.2f}% "
+                f"(best {max(r['test_acc'] for r in records):.2f}%), "
+                f"{time.perf_counter() - started:.1f}s"
+            )
+
+    def _epoch(self, parts: _StageParts, epoch: int, partial: EpochProgress | None) -> None:
+        k, stage = parts.index, parts.stage
+        self.global_epoch += 1
+        self.bar.describe(k + 1, len(self.stages), stage.label, epoch + 1, stage.epochs)
+        _set_epoch(self.train_data, self.global_epoch)
+        for method in parts.methods:
+            method.start_epoch(epoch, stage.epochs)
+        lr = parts.optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
+        where = f"stage {k + 1} ({stage.label}), epoch {epoch + 1}"
+
+        def after_step(progress: EpochProgress) -> None:
+            periodic = self.every_steps is not None and progress.steps % self.every_steps == 0
+            if not (self.stop.requested or periodic):
+                return
+            if (bad := progress.nonfinite_step()) is not None:
+                raise self._nonfinite(where, bad)
+            if self.checkpoints is not None:
+                self._save(parts, epoch, progress)
+            if self.stop.requested:
+                saved = "a checkpoint is written" if self.checkpoints else "nothing is saved"
+                raise RunStopped(
+                    f"{self.name}: stopped by {self.stop.name} in {where}, after step "
+                    f"{progress.steps}; {saved}",
+                    self.stop.signum or 0,
                 )
-            del methods, models, optimizer, scheduler, ref_model
-    finally:
-        bar.close()
-    if out is not None:
-        atomic_save(student.state_dict(), out / "student.pt")
-    return RunResult(student, list(metrics.records), time.perf_counter() - started)
+
+        try:
+            train = train_epoch(
+                parts.models,
+                parts.objective,
+                self.train_data,
+                parts.optimizer,
+                self.device,
+                self.bar.step,
+                progress=partial,
+                after_step=after_step,
+                nonfinite=self.nonfinite,
+            )
+        except NonFiniteLoss as err:
+            raise self._nonfinite(where, err.step) from None
+        parts.scheduler.step()
+        test = evaluate(self.student, self.eval_data, self.device)
+        record = {
+            "stage": k + 1,
+            "stage_name": stage.label,
+            "epoch": epoch + 1,
+            "global_epoch": self.global_epoch,
+            "lr": lr,
+            **{f"train_{key}": value for key, value in train.items()},
+            "test_acc": test["acc"],
+            "test_loss": test["loss"],
+            "epoch_time": time.perf_counter() - started,
+        }
+        # Metrics first: a resume drops records past its checkpoint, never misses one.
+        self.metrics.log(record)
+        if self.checkpoints is not None:
+            if epoch + 1 == stage.epochs:
+                # Before last.pt: a resume in stage k+2 rebuilds its reference from it.
+                atomic_save(self.student.state_dict(), self.checkpoints / f"stage{k + 1}.pt")
+            self._save(parts, epoch + 1, None)
+        self.bar.epoch_done(train["loss"], test["acc"])
+        if self.stop.requested:
+            raise RunStopped(
+                f"{self.name}: stopped by {self.stop.name} after {where}; "
+                + ("a checkpoint is written" if self.checkpoints else "nothing is saved"),
+                self.stop.signum or 0,
+            )
+
+    def _nonfinite(self, where: str, step: int) -> UserError:
+        kept = "the last good checkpoint is kept" if self.checkpoints else "nothing was saved"
+        return UserError(
+            f"{self.name}: the loss became NaN/Inf in {where}, step {step}; lower the learning "
+            f"rate or the method weights, or set nonfinite: skip ({kept})"
+        )
+
+    def _save(self, parts: _StageParts, epoch: int, progress: EpochProgress | None) -> None:
+        """``last.pt`` after ``epoch`` completed epochs (and ``progress`` of the next)."""
+        assert self.checkpoints is not None
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "num_stages": len(self.stages),
+            "stage": parts.index,
+            "epoch": epoch,
+            "step": progress.steps if progress else 0,
+            "skipped": progress.skipped if progress else 0,
+            "sums": {key: v.cpu() for key, v in progress.sums.items()} if progress else {},
+            "student": self.student.state_dict(),
+            "methods": [m.state_dict() for m in parts.methods],
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "rng": rng_state(),
+        }
+        atomic_save(state, self.checkpoints / "last.pt")
+
+
+@dataclass
+class _StageParts:
+    """What one stage builds: its methods, objective, optimizer and schedule."""
+
+    index: int
+    stage: Stage
+    models: StageModels
+    methods: list[DistillMethod]
+    objective: StageObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
