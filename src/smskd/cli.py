@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -35,6 +36,12 @@ def _print_rows(rows: list[dict[str, object]], columns: list[str], fmt: str) -> 
     print(json.dumps(rows, indent=2) if fmt == "json" else _table(rows, columns))
 
 
+def _say(message: str) -> None:
+    """Print once per job: on rank 0 under torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from smskd.quickstart import run_quickstart
 
@@ -61,7 +68,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
     result = train_teacher(
         _load(args), args.out, resume=args.resume, force=args.force, progress=not args.no_progress
     )
-    print(f"teacher test acc {result.final_accuracy:.2f}%; weights: {args.out}/{TEACHER_WEIGHTS}")
+    _say(f"teacher test acc {result.final_accuracy:.2f}%; weights: {args.out}/{TEACHER_WEIGHTS}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -74,7 +81,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         force=args.force,
         progress=not args.no_progress,
     )
-    print(
+    _say(
         f"student test acc {result.final_accuracy:.2f}% (last epoch), "
         f"{result.best_accuracy:.2f}% (best epoch); weights: {args.out}/student.pt"
     )
@@ -219,6 +226,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    finally:
+        # Under torchrun, leave the process group cleanly (imported only if a run used it).
+        if "smskd.distributed" in sys.modules:
+            sys.modules["smskd.distributed"].teardown()
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     try:
         args.handler(args)
     except UserError as err:

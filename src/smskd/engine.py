@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from smskd.checkpoint import set_rng_state
 from smskd.config import ReferenceConfig
+from smskd.distributed import all_reduce_sum
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs
 from smskd.reference import reference_term
@@ -205,7 +206,14 @@ def train_epoch(
     counted = progress.steps - progress.skipped
     if counted == 0:
         raise NonFiniteLoss(1)  # every batch of the epoch was skipped
-    means = {key: (value / counted).item() for key, value in progress.sums.items()}
+    keys = sorted(progress.sums)  # the same on every rank: same methods, same terms
+    if keys:
+        packed = torch.stack([progress.sums[key].float() for key in keys])
+        packed = torch.cat([packed, packed.new_tensor([counted])])
+        *sums, counted_all = all_reduce_sum(packed).tolist()
+        means = {key: value / counted_all for key, value in zip(keys, sums, strict=True)}
+    else:
+        means = {}
     if "ref_weight_sq_mean" in means:
         variance = max(means.pop("ref_weight_sq_mean") - means["ref_weight_mean"] ** 2, 0.0)
         means["ref_weight_std"] = variance**0.5
@@ -216,19 +224,19 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy over ``batches``."""
+    """Top-1 accuracy (%) and mean cross-entropy over ``batches`` (summed over ranks
+    under DDP, where each rank evaluates its own shard)."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros((), device=device)
-    loss = torch.zeros((), device=device)
-    count = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss, count
     for batch in batches:
         x, y, _ = unpack_batch(batch, device)
         logits = model(x).float()
-        correct += (logits.argmax(dim=1) == y).sum()
-        loss += F.cross_entropy(logits, y, reduction="sum")
-        count += len(y)
+        totals[0] += (logits.argmax(dim=1) == y).sum()
+        totals[1] += F.cross_entropy(logits, y, reduction="sum")
+        totals[2] += len(y)
     model.train(was_training)
+    correct, loss, count = all_reduce_sum(totals).tolist()
     if count == 0:
         raise UserError("the evaluation data yielded no batches; is the dataset empty?")
-    return {"acc": 100.0 * correct.item() / count, "loss": loss.item() / count}
+    return {"acc": 100.0 * correct / count, "loss": loss / count}

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from smskd import distributed
 from smskd.checkpoint import load_weights
 from smskd.config import AugmentConfig, DataConfig, ModelSpec, RunConfig, load_config, validate
 from smskd.data.augment import Augment
@@ -123,9 +124,13 @@ def make_model(spec: ModelSpec, data: Data) -> nn.Module:
 def _claim_run_dir(out: Path, cfg_yaml: str, resume: bool, force: bool) -> None:
     """Refuse to clobber another run; on resume, insist on the same config."""
     saved = out / "config.yaml"
-    if saved.exists():
+    main = distributed.current().is_main  # every rank checks; only rank 0 writes
+    exists = saved.exists()
+    distributed.barrier()  # every rank has looked before rank 0 changes anything
+    if exists:
         if force:
-            shutil.rmtree(out)
+            if main:
+                shutil.rmtree(out)
         elif not resume:
             raise UserError(
                 f"{out} already holds a run; pass --resume to continue it, --force to start "
@@ -136,8 +141,10 @@ def _claim_run_dir(out: Path, cfg_yaml: str, resume: bool, force: bool) -> None:
                 f"{out} holds a run with a different config; pass --force to start over "
                 "or choose another --out"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(cfg_yaml)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(cfg_yaml)
+    distributed.barrier()
 
 
 def train_teacher(
@@ -155,8 +162,9 @@ def train_teacher(
     teacher_cfg = cfg.model_copy(
         update={"teacher": cfg.teacher.model_copy(update={"checkpoint": None})}
     )
-    device = resolve_device(cfg.device)
-    data = prepare_data(cfg.data, cfg.seed, device)
+    dist, device_name = distributed.setup(cfg.device)
+    device = resolve_device(device_name)
+    data = prepare_data(cfg.data, cfg.seed, device, dist.rank, dist.world_size)
     torch.manual_seed(cfg.seed)
     teacher = make_model(cfg.teacher.model, data)
     _claim_run_dir(out, teacher_cfg.to_yaml(), resume, force)
@@ -175,7 +183,9 @@ def train_teacher(
         checkpoint_every_steps=cfg.checkpoint_every_steps,
         nonfinite=cfg.nonfinite,
     )
-    (out / "student.pt").replace(out / TEACHER_WEIGHTS)
+    if dist.is_main:
+        (out / "student.pt").replace(out / TEACHER_WEIGHTS)
+    distributed.barrier()  # the other ranks load teacher.pt next
     return result
 
 
@@ -228,12 +238,14 @@ def distill(
     """Run ``cfg.stages`` into ``out_dir`` (training the teacher first if none is given)."""
     out = Path(out_dir)
     check_run(cfg)
-    if force and out.exists():
+    dist, device_name = distributed.setup(cfg.device)
+    if force and out.exists() and dist.is_main:
         shutil.rmtree(out)
+    distributed.barrier()
     cfg = resolve_teacher(cfg, out, resume=resume, force=False, progress=progress)
     _claim_run_dir(out, cfg.to_yaml(), resume, force=False)
-    device = resolve_device(cfg.device)
-    data = prepare_data(cfg.data, cfg.seed, device)
+    device = resolve_device(device_name)
+    data = prepare_data(cfg.data, cfg.seed, device, dist.rank, dist.world_size)
     student, teacher = _models(cfg, data)
     return run_stages(
         student,

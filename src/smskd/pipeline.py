@@ -14,6 +14,7 @@ mid-epoch included, bit-identical on CPU for the same seed.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from smskd import distributed
 from smskd.checkpoint import atomic_save, load_state_dict, rng_state, safe_load, set_rng_state
 from smskd.config import OptimizerConfig, ReferenceConfig, ScheduleConfig, Stage
 from smskd.engine import (
@@ -323,10 +325,16 @@ class _Run:
     nonfinite: str
 
     def execute(self, resume: bool, progress: bool) -> RunResult:
-        if self.out is not None:
+        self.dist = distributed.current()
+        # Under DDP every rank trains and reads checkpoints; only rank 0 writes or talks.
+        self.writes = self.out is not None and self.dist.is_main
+        if not self.dist.is_main:
+            self.log = lambda _message: None
+            progress = False
+        if self.writes:
             self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.out / "checkpoints" if self.out is not None else None
-        self.metrics = MetricsLog(self.out / "metrics.jsonl" if self.out is not None else None)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl" if self.writes else None)
         state = self._resume_state() if resume else None
         start_stage, start_epoch = (state["stage"], state["epoch"]) if state else (0, 0)
         if state is not None and start_epoch >= self.stages[start_stage].epochs:
@@ -349,7 +357,7 @@ class _Run:
                     state = None
         finally:
             self.bar.close()
-        if self.out is not None:
+        if self.writes:
             atomic_save(self.student.state_dict(), self.out / "student.pt")
         return RunResult(self.student, list(self.metrics.records), time.perf_counter() - started)
 
@@ -411,6 +419,8 @@ class _Run:
                         sums={key: v.to(self.device) for key, v in state["sums"].items()},
                         rng=state["rng"],
                     )
+            if self.dist.enabled:
+                models.student = _data_parallel(self.student, methods, self.device)
             parts = _StageParts(k, stage, models, methods, objective, optimizer, scheduler)
             for epoch in range(first_epoch, stage.epochs):
                 self._epoch(parts, epoch, partial)
@@ -439,11 +449,15 @@ class _Run:
 
         def after_step(progress: EpochProgress) -> None:
             periodic = self.every_steps is not None and progress.steps % self.every_steps == 0
-            if not (self.stop.requested or periodic):
+            # Ranks receive a signal at different moments: they stop together.
+            stop = distributed.any_rank(self.stop.requested, self.device)
+            if stop and not self.stop.requested:
+                self.stop.signum = signal.SIGTERM
+            if not (stop or periodic):
                 return
             if (bad := progress.nonfinite_step()) is not None:
                 raise self._nonfinite(where, bad)
-            if self.checkpoints is not None:
+            if self.writes:
                 self._save(parts, epoch, progress)
             if self.stop.requested:
                 saved = "a checkpoint is written" if self.checkpoints else "nothing is saved"
@@ -468,6 +482,7 @@ class _Run:
         except NonFiniteLoss as err:
             raise self._nonfinite(where, err.step) from None
         parts.scheduler.step()
+        distributed.sync_buffers(self.student)
         test = evaluate(self.student, self.eval_data, self.device)
         record = {
             "stage": k + 1,
@@ -482,7 +497,7 @@ class _Run:
         }
         # Metrics first: a resume drops records past its checkpoint, never misses one.
         self.metrics.log(record)
-        if self.checkpoints is not None:
+        if self.writes:
             if epoch + 1 == stage.epochs:
                 # Before last.pt: a resume in stage k+2 rebuilds its reference from it.
                 atomic_save(self.student.state_dict(), self.checkpoints / f"stage{k + 1}.pt")
@@ -533,3 +548,36 @@ class _StageParts:
     objective: StageObjective
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+class _Trainable(nn.Module):
+    """Student plus the stage's helpers, as one module for DDP to synchronize.
+
+    Its forward is the student's: the helpers get their gradients in the loss, and
+    DDP averages every parameter's gradient as it becomes ready, used in this
+    forward or not.
+    """
+
+    def __init__(self, student: nn.Module, methods: list[DistillMethod]) -> None:
+        super().__init__()
+        self.student = student
+        self.methods = nn.ModuleList(methods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+
+def _data_parallel(
+    student: nn.Module, methods: list[DistillMethod], device: torch.device
+) -> nn.Module:
+    """DDP over the student and the stage's helpers; teacher and reference stay plain."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    trainable = _Trainable(student, methods)
+    # Method buffers (CRD's memory banks) are kept equal by the method itself, which
+    # gathers every rank's update; broadcasting them from rank 0 each step would
+    # only move megabytes for nothing.
+    ignored = [f"methods.{name}" for name, _ in trainable.methods.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trainable, ignored)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(trainable, device_ids=device_ids)

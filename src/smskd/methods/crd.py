@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smskd.distributed import all_gather_cat
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs, StageContext
 
@@ -130,7 +131,10 @@ class CRD(DistillMethod):
         )
         if self.training:
             with torch.no_grad():
+                # Under DDP every rank applies every rank's update: the banks stay equal.
+                index = all_gather_cat(index)
                 for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
+                    v = all_gather_cat(v.detach())
                     mixed = self.momentum * bank[index] + (1 - self.momentum) * v
                     bank.index_copy_(0, index, F.normalize(mixed, dim=1))
         return loss
@@ -141,6 +145,9 @@ class CRD(DistillMethod):
         n = len(bank)
         # log(N · mean exp(logits)), never forming exp(logits).
         fresh = torch.logsumexp(logits.detach().flatten(), 0) + math.log(n / logits.numel())
+        if self.training:  # under DDP: the estimate over all ranks' batches, equal everywhere
+            estimates = all_gather_cat(fresh.view(1))
+            fresh = torch.logsumexp(estimates, 0) - math.log(len(estimates))
         # torch.where, not `if isnan`: no host sync. Outside training Z is used, not set.
         log_z = torch.where(self.log_z[slot].isnan(), fresh, self.log_z[slot])
         if self.training:
