@@ -142,3 +142,91 @@ def test_ranks_stay_in_lockstep_student_helpers_and_crd_memory(tmp_path: Path) -
     assert torch.equal(a["memory_s"], b["memory_s"])  # every rank applied every update
     assert torch.equal(a["log_z"], b["log_z"])
     assert a["loss"] == b["loss"]  # epoch metrics are reduced over ranks
+
+
+MLP_MODULE = """
+from torch import nn
+
+def mlp(num_classes, in_channels, width=32):
+    # No BatchNorm: per-rank batch statistics are the one thing DDP cannot make equal.
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 64, width), nn.ReLU(),
+                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
+"""
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+    """2 ranks × 32 equal 1 process × 64: rank r takes every 2nd sample of the same
+    permutation, so each global batch holds the same 64 samples, and DDP averages
+    per-rank means of per-sample losses into the global mean."""
+    (tmp_path / "ddp_mlp.py").write_text(MLP_MODULE)
+    common = {
+        "seed": 1,
+        "teacher": {"model": {"factory": "ddp_mlp:mlp", "kwargs": {"width": 64}}, "epochs": 1},
+        "student": {"model": {"factory": "ddp_mlp:mlp", "taps": {"features": ["2", "4"]}}},
+        "stages": [
+            {"methods": ["kd"], "epochs": 1},
+            {
+                "methods": [{"name": "fitnets", "student_layer": "4", "teacher_layer": "4"}],
+                "epochs": 1,
+            },
+        ],
+    }
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    runs = {}
+    for name, batch, launcher in (("one", 64, [sys.executable]), ("two", 32, TORCHRUN)):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(
+            yaml.safe_dump({**common, "data": {"name": "digits", "batch_size": batch}})
+        )
+        cmd = [
+            *launcher,
+            "-m",
+            "smskd",
+            "distill",
+            str(config),
+            "--out",
+            str(tmp_path / name),
+            "--no-progress",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = torch.load(tmp_path / name / "student.pt", weights_only=True)
+    for key, value in runs["one"].items():
+        assert torch.allclose(runs["two"][key], value, atol=1e-5), key
+
+
+def test_a_rank_failing_leaves_a_loadable_checkpoint(clean_run, tmp_path: Path) -> None:
+    from smskd.checkpoint import safe_load
+
+    config, clean, _ = clean_run
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        distill(config, out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.01)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    victim = int(workers.stdout.split()[-1])  # one worker dies; torchrun stops the other
+    os.kill(victim, signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert safe_load(out / "checkpoints" / "last.pt")["student"]  # whole, not torn
+    resumed = subprocess.run(
+        distill(config, out, "--resume"), capture_output=True, text=True, timeout=300, env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ours = torch.load(out / "student.pt", weights_only=True)
+    theirs = torch.load(clean / "student.pt", weights_only=True)
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())

@@ -249,6 +249,8 @@ class RunConfig(_Strict):
     checkpoint_every_steps: int | None = Field(default=None, gt=0)
     # NaN/Inf loss: stop the run naming stage/epoch/step, or skip the batch and count it.
     nonfinite: Literal["stop", "skip"] = "stop"
+    # Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm).
+    sync_batchnorm: bool = False
 
     @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:

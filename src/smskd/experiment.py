@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from smskd import distributed
 from smskd.checkpoint import load_weights
@@ -101,7 +101,11 @@ def _folder_loaders(
     if cfg.train_subset is not None:
         raise UserError("data.train_subset works for in-memory datasets; use in_memory: true")
     train_set = source.dataset("train", augment, seed)
-    test_set = source.dataset("val", None, seed)
+    test_set: Dataset = source.dataset("val", None, seed)
+    if world_size > 1:  # contiguous shards, each sample once: evaluation sums are exact
+        base, extra = divmod(len(test_set), world_size)
+        start = rank * base + min(rank, extra)
+        test_set = Subset(test_set, range(start, start + base + (rank < extra)))
     # DistributedSampler also for one process: its set_epoch gives each epoch its order.
     sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed)
     workers = {"num_workers": cfg.num_workers, "persistent_workers": False}
@@ -239,6 +243,8 @@ def distill(
     out = Path(out_dir)
     check_run(cfg)
     dist, device_name = distributed.setup(cfg.device)
+    if cfg.sync_batchnorm and dist.enabled and not device_name.startswith("cuda"):
+        raise UserError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only)")
     if force and out.exists() and dist.is_main:
         shutil.rmtree(out)
     distributed.barrier()
@@ -247,6 +253,8 @@ def distill(
     device = resolve_device(device_name)
     data = prepare_data(cfg.data, cfg.seed, device, dist.rank, dist.world_size)
     student, teacher = _models(cfg, data)
+    if cfg.sync_batchnorm and dist.enabled:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     return run_stages(
         student,
         teacher,
