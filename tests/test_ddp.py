@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,6 +27,28 @@ CONFIG = {
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="no Gloo backend")
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers at once (workers run in sessions of their own),
+    and wait until every one of them is gone."""
+    listed = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    workers = [int(pid) for pid in listed.stdout.split()]
+    for pid in [proc.pid, *workers]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers):
+        assert time.monotonic() < deadline, "workers survived SIGKILL"
+        time.sleep(0.01)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def distill(config: Path, out: Path, *extra: str) -> list[str]:
@@ -59,7 +82,9 @@ def test_torchrun_trains_and_only_rank_0_writes(clean_run) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("student test acc") == 1  # one report, not one per rank
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+    files = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert [f for f in files if not f.endswith(".sha256")] == [
+        "last.prev.pt",
         "last.pt",
         "stage1.pt",
         "stage2.pt",
@@ -82,8 +107,7 @@ def test_killed_ddp_run_resumes_bit_identically(clean_run, tmp_path: Path) -> No
     while not (out / "checkpoints" / "stage1.pt").exists() and time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before the kill point"
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, at once
-    proc.wait(timeout=60)
+    kill_job(proc)
     resumed = subprocess.run(
         distill(config, out, "--resume"), capture_output=True, text=True, timeout=300, env=env
     )

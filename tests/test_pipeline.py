@@ -153,12 +153,16 @@ def test_run_directory_contents(student, live_teacher, tiny_data, tmp_path) -> N
     assert set(weights) == set(student.state_dict())
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert [f for f in files if not f.endswith(".sha256")] == [
+        "last.prev.pt",
         "last.pt",
         "stage1.pt",
         "stage2.pt",
         "stage3.pt",
     ]
+    checkpoints = [f for f in files if not f.endswith(".sha256")]
+    assert [f for f in files if f.endswith(".sha256")] == [f"{f}.sha256" for f in checkpoints]
 
 
 def test_resume_after_a_crash_is_bit_identical(
@@ -257,11 +261,11 @@ def test_crash_between_stages_still_resumes(
     real_save = pipeline.atomic_save
     saves = []
 
-    def dies_on_the_second_last_pt(obj, path):
+    def dies_on_the_second_last_pt(obj, path, **kwargs):
         saves.append(path.name)
         if path.name == "last.pt" and saves.count("last.pt") == 2:
             raise KeyboardInterrupt  # end of stage 1: stage1.pt written, last.pt not
-        real_save(obj, path)
+        real_save(obj, path, **kwargs)
 
     monkeypatch.setattr(pipeline, "atomic_save", dies_on_the_second_last_pt)
     with pytest.raises(KeyboardInterrupt):

@@ -1,61 +1,365 @@
-"""Atomic checkpoint writes and safe (``weights_only``) loads."""
+"""Atomic, verified checkpoint writes and safe (``weights_only``) loads.
+
+Every file written here goes to a temporary file in the same directory, is
+fsynced, and is renamed over its target: a crash leaves the old file or the new
+one, never a torn one. Beside it goes ``NAME.sha256``, a checksum sidecar in
+``sha256sum`` format (``sha256sum -c student.pt.sha256`` checks it by hand) with
+the file's size on a ``#`` comment line. The checkpoint itself stays a plain
+``torch.save`` file, so ``torch.load(path, weights_only=True)`` reads
+``student.pt`` as a plain state_dict, and files from elsewhere (no sidecar) still
+load, unverified.
+
+:func:`safe_load` checks size and SHA-256 against the sidecar, when there is one,
+on the same open file it then unpickles; a truncated or corrupted checkpoint is a
+:class:`~smskd.errors.UserError` naming the file. The sidecar of the old file is
+removed before the rename and the new one written after it, so a crash between
+the two leaves a whole file without a sidecar (loaded unverified), never a good
+file with a stale checksum.
+
+``atomic_save(..., keep_previous=True)`` first rotates ``last.pt`` (and its
+sidecar) to ``last.prev.pt``, and :func:`load_latest` tries ``last.pt`` then
+``last.prev.pt``, so that a damaged newest checkpoint costs one checkpoint
+interval, not the run.
+
+``*.safetensors`` paths are read and written with the optional ``safetensors``
+package (``pip install safetensors``), for weights (a flat dict of tensors) only.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import pickle
 import random
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from smskd.errors import UserError
 
+logger = logging.getLogger(__name__)
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+CHECKSUM_SUFFIX = ".sha256"
+LAST = "last.pt"
+PREVIOUS = "last.prev.pt"
+_CHUNK = 1 << 20
 
-    A crash at any moment leaves either the old file or the new one, never a torn one.
-    """
+
+def checksum_path(path: str | Path) -> Path:
+    """The sidecar of ``path``: ``student.pt`` → ``student.pt.sha256``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where ``atomic_save(keep_previous=True)`` keeps the old file (``last.prev.pt``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _fsync_dir(directory: Path) -> None:
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened; renames are durable there
+        return
     try:
         os.fsync(dir_fd)
+    except OSError:
+        pass
     finally:
         os.close(dir_fd)
 
 
-def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
+def _write_temp(directory: Path, name: str, write: Callable[[BinaryIO], None]) -> Path:
+    """``write`` into a fresh temporary file in ``directory``, fsynced; removed if it fails."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _digest(handle: BinaryIO) -> tuple[str, int]:
+    """SHA-256 (hex) and size of what ``handle`` reads from its current position."""
+    sha, size = hashlib.sha256(), 0
+    while chunk := handle.read(_CHUNK):
+        sha.update(chunk)
+        size += len(chunk)
+    return sha.hexdigest(), size
+
+
+def _sidecar_text(name: str, digest: str, size: int) -> str:
+    return f"{digest}  {name}\n# size {size}\n"
+
+
+def _write_sidecar(path: Path, digest: str, size: int) -> None:
+    text = _sidecar_text(path.name, digest, size).encode()
+    tmp = _write_temp(path.parent, checksum_path(path).name, lambda h: h.write(text))
+    try:
+        os.replace(tmp, checksum_path(path))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_sidecar(path: Path) -> tuple[str, int | None] | None:
+    """``(sha256, size)`` recorded for ``path``; None if it has no sidecar."""
+    sidecar = checksum_path(path)
+    try:
+        lines = sidecar.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"checksum file {str(sidecar)!r} is unreadable: {err}") from None
+    digest, size = None, None
+    for line in lines:
+        words = line.split()
+        if words[:2] == ["#", "size"] and len(words) == 3 and words[2].isdigit():
+            size = int(words[2])
+        elif words and not line.startswith("#") and digest is None:
+            digest = words[0].lower()
+    if digest is None or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise UserError(
+            f"checksum file {str(sidecar)!r} is malformed; delete it to load {str(path)!r} "
+            "unverified"
+        )
+    return digest, size
+
+
+def _verify(path: Path, handle: BinaryIO) -> None:
+    """Raise a UserError if ``handle`` (``path``, at offset 0) differs from its sidecar."""
+    recorded = _read_sidecar(path)
+    if recorded is None:
+        return
+    digest, size = recorded
+    sidecar = checksum_path(path).name
+    hint = f"(delete {sidecar} only if you replaced the file on purpose)"
+    actual_size = os.fstat(handle.fileno()).st_size
+    if size is not None and actual_size != size:
+        raise UserError(
+            f"checkpoint {str(path)!r} is truncated or damaged: {actual_size} bytes, but "
+            f"{sidecar} records {size} {hint}"
+        )
+    actual, _ = _digest(handle)
+    handle.seek(0)
+    if actual != digest:
+        raise UserError(
+            f"checkpoint {str(path)!r} is corrupted: its SHA-256 does not match {sidecar} {hint}"
+        )
+
+
+def verify_checkpoint(path: str | Path) -> bool:
+    """True if ``path`` matches its sidecar, False if it has none; a UserError if it differs."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
+    with path.open("rb") as handle:
+        _verify(path, handle)
+    return checksum_path(path).exists()
+
+
+def _rotate(path: Path) -> None:
+    """``path`` (and its checksum) becomes ``previous_path(path)``, unless it is damaged.
+
+    In an order where a crash at any point leaves ``path`` or the previous file
+    whole and not under a checksum that is not its own.
+    """
+    previous = previous_path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        verify_checkpoint(path)
+        recorded = _read_sidecar(path)
+    except UserError as err:
+        logger.warning("%s; not keeping it as %s", err, previous.name)
+        checksum_path(path).unlink(missing_ok=True)
+        return
+    checksum_path(path).unlink(missing_ok=True)  # path: whole, unverified
+    if recorded is not None:
+        digest, size = recorded
+        # Written anew, not renamed: the sha256sum line names the file it checks.
+        _write_sidecar(previous, digest, size if size is not None else path.stat().st_size)
+    else:
+        checksum_path(previous).unlink(missing_ok=True)
+    os.replace(path, previous)
+    _fsync_dir(path.parent)
+
+
+def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None], keep_previous: bool) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _write_temp(path.parent, path.name, write)
+    try:
+        with tmp.open("rb") as handle:
+            digest, size = _digest(handle)  # what reached the disk, not what we meant to write
+        if keep_previous and path.exists():
+            _rotate(path)
+        else:
+            # The old file's sidecar goes first: never a new file under the old checksum.
+            checksum_path(path).unlink(missing_ok=True)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _write_sidecar(path, digest, size)
+    _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | Path, *, keep_previous: bool = False) -> None:
+    """``torch.save`` to ``path`` atomically, with a ``.sha256`` sidecar (see the module doc).
+
+    With ``keep_previous``, the file already at ``path`` (if it verifies) is kept as
+    ``previous_path(path)`` (``last.pt`` → ``last.prev.pt``) for :func:`load_latest`.
+    """
+    _atomic_write(path, lambda handle: torch.save(obj, handle), keep_previous)
+
+
+def move_checkpoint(src: str | Path, dst: str | Path) -> None:
+    """Rename a checkpoint and its sidecar (``student.pt`` → ``teacher.pt``), atomically each."""
+    src, dst = Path(src), Path(dst)
+    recorded = _read_sidecar(src)
+    checksum_path(dst).unlink(missing_ok=True)
+    os.replace(src, dst)
+    if recorded is not None:
+        digest, size = recorded
+        if size is None:
+            size = dst.stat().st_size
+        _write_sidecar(dst, digest, size)
+        checksum_path(src).unlink(missing_ok=True)
+    _fsync_dir(dst.parent)
+
+
+def _safetensors(path: Path) -> Any:
+    try:
+        import safetensors.torch
+    except ImportError:
         raise UserError(
-            f"checkpoint {str(path)!r} was refused: it holds more than tensors and plain "
-            f"containers (safe loading, weights_only=True): {first}"
+            f"{str(path)!r} is a .safetensors file, and the safetensors package is not "
+            "installed: pip install safetensors (or pip install 'smskd[safetensors]')"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
+    return safetensors.torch
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix.lower() == ".safetensors"
+
+
+def safe_load(
+    path: str | Path, map_location: str | torch.device = "cpu", *, verify: bool = True
+) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+
+    The file is checked against its ``.sha256`` sidecar first, when it has one (and
+    ``verify``); ``*.safetensors`` files are read with the safetensors package.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    with path.open("rb") as handle:
+        if verify:
+            _verify(path, handle)
+        if _is_safetensors(path):
+            return _load_safetensors(path, handle.read(), map_location)
+        try:
+            return torch.load(handle, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = _first_line(err)
+            raise UserError(
+                f"checkpoint {str(path)!r} was refused: it holds more than tensors and plain "
+                f"containers (safe loading, weights_only=True): {first}"
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise UserError(
+                f"checkpoint {str(path)!r} is unreadable (truncated or not a torch file): "
+                f"{_first_line(err)}"
+            ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _load_safetensors(
+    path: Path, data: bytes, map_location: str | torch.device
+) -> dict[str, torch.Tensor]:
+    st = _safetensors(path)
+    try:
+        tensors = st.load(data)
+    except Exception as err:  # safetensors raises its own SafetensorError (and others)
         raise UserError(
-            f"checkpoint {str(path)!r} is unreadable (truncated or not a torch file): {err}"
+            f"checkpoint {str(path)!r} is unreadable (truncated or not a safetensors file): "
+            f"{_first_line(err)}"
         ) from None
+    if str(map_location) != "cpu":
+        tensors = {key: value.to(map_location) for key, value in tensors.items()}
+    return tensors
+
+
+def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """A model's weights, atomically: ``*.safetensors`` with safetensors, else ``torch.save``."""
+    path = Path(path)
+    if not _is_safetensors(path):
+        atomic_save(state_dict, path)  # as is: a state_dict's _metadata (versions) stays
+        return
+    st = _safetensors(path)
+    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserError(f"{str(path)!r}: safetensors holds tensors only, not a full checkpoint")
+    # Own, contiguous CPU copies: safetensors refuses tensors that share memory (tied weights).
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
+    data = st.save(tensors)
+    _atomic_write(path, lambda handle: handle.write(data), keep_previous=False)
+
+
+def export_weights(src: str | Path, dst: str | Path) -> None:
+    """The model weights of checkpoint ``src`` as ``dst`` (e.g. ``student.safetensors``)."""
+    save_weights(load_state_dict(src), dst)
+
+
+def load_latest(
+    directory: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Any, Path]:
+    """The newest good run checkpoint in ``directory``: ``last.pt``, else ``last.prev.pt``.
+
+    A candidate that is missing, fails verification or cannot be read is skipped
+    with a message to ``log`` (default: a logging warning); none good is a UserError.
+    """
+    directory = Path(directory)
+    warn = log or logger.warning
+    problems = []
+    for name in (LAST, PREVIOUS):
+        path = directory / name
+        if not path.exists():
+            problems.append(f"{name} does not exist")
+            continue
+        try:
+            state = safe_load(path, map_location)
+        except UserError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            warn(f"resuming from {path}, the previous checkpoint: {'; '.join(problems)}")
+        return state, path
+    raise UserError(
+        f"no usable checkpoint to resume from in {directory}: {'; '.join(problems)}; "
+        "start over with --force"
+    )
+
+
+def has_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a run checkpoint for :func:`load_latest` to try."""
+    return any((Path(directory) / name).exists() for name in (LAST, PREVIOUS))
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

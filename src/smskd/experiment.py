@@ -3,13 +3,16 @@
 This is where the config becomes objects; :func:`smskd.pipeline.run_stages`
 below it sees only models, stages and batches. A run directory holds
 ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/`` and the final
-weights (``student.pt``, or ``teacher.pt`` for a teacher run).
+weights (``student.pt``, or ``teacher.pt`` for a teacher run), each checkpoint
+with its ``.sha256`` sidecar; ``.lock`` while a run is writing to it
+(:mod:`smskd.runlock`).
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from smskd import distributed
-from smskd.checkpoint import load_weights
+from smskd.checkpoint import export_weights, load_weights, move_checkpoint
 from smskd.config import AugmentConfig, DataConfig, ModelSpec, RunConfig, load_config, validate
 from smskd.data.augment import Augment
 from smskd.data.download import download
@@ -29,6 +32,7 @@ from smskd.engine import evaluate
 from smskd.errors import UserError
 from smskd.models.registry import build_from_factory, build_model
 from smskd.pipeline import RunResult, check_stages, resolve_device, run_stages
+from smskd.runlock import LOCK_NAME, run_lock
 from smskd.taps import ModelLayout
 
 TEACHER_WEIGHTS = "teacher.pt"
@@ -125,8 +129,39 @@ def make_model(spec: ModelSpec, data: Data) -> nn.Module:
     return model
 
 
+@contextmanager
+def _locked(out: Path, device: torch.device) -> Iterator[None]:
+    """Rank 0 holds ``OUT/.lock`` for the block; if it is taken, every rank fails."""
+    with ExitStack() as stack:
+        refused: UserError | None = None
+        if distributed.current().is_main:
+            try:
+                stack.enter_context(run_lock(out))
+            except UserError as err:
+                refused = err
+        if distributed.any_rank(refused is not None, device):
+            raise refused or UserError(f"{out} is in use by another run (see rank 0)")
+        yield
+
+
+def _clear_run_dir(out: Path) -> None:
+    """Delete everything in ``out`` but the lock that this run holds (``--force``)."""
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def _claim_run_dir(out: Path, cfg_yaml: str, resume: bool, force: bool) -> None:
-    """Refuse to clobber another run; on resume, insist on the same config."""
+    """Refuse to clobber another run; on resume, insist on the same config.
+
+    Called with ``OUT/.lock`` held (:func:`_locked`), so no other run is writing here.
+    """
     saved = out / "config.yaml"
     main = distributed.current().is_main  # every rank checks; only rank 0 writes
     exists = saved.exists()
@@ -134,7 +169,7 @@ def _claim_run_dir(out: Path, cfg_yaml: str, resume: bool, force: bool) -> None:
     if exists:
         if force:
             if main:
-                shutil.rmtree(out)
+                _clear_run_dir(out)
         elif not resume:
             raise UserError(
                 f"{out} already holds a run; pass --resume to continue it, --force to start "
@@ -158,8 +193,10 @@ def train_teacher(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    export_safetensors: bool = False,
 ) -> RunResult:
-    """Train ``cfg.teacher.model`` on labels alone; weights land in ``OUT/teacher.pt``."""
+    """Train ``cfg.teacher.model`` on labels alone; weights land in ``OUT/teacher.pt``
+    (and ``OUT/teacher.safetensors`` with ``export_safetensors``)."""
     if cfg.teacher is None:
         raise UserError("config has no 'teacher:' section to train")
     out = Path(out_dir)
@@ -171,25 +208,28 @@ def train_teacher(
     data = prepare_data(cfg.data, cfg.seed, device, dist.rank, dist.world_size)
     torch.manual_seed(cfg.seed)
     teacher = make_model(cfg.teacher.model, data)
-    _claim_run_dir(out, teacher_cfg.to_yaml(), resume, force)
-    result = run_stages(
-        teacher,
-        None,
-        [cfg.teacher.training_stage()],
-        data.train,
-        data.test,
-        seed=cfg.seed,
-        device=device,
-        out_dir=out,
-        resume=resume,
-        progress=progress,
-        name="teacher",
-        checkpoint_every_steps=cfg.checkpoint_every_steps,
-        nonfinite=cfg.nonfinite,
-    )
-    if dist.is_main:
-        (out / "student.pt").replace(out / TEACHER_WEIGHTS)
-    distributed.barrier()  # the other ranks load teacher.pt next
+    with _locked(out, device):
+        _claim_run_dir(out, teacher_cfg.to_yaml(), resume, force)
+        result = run_stages(
+            teacher,
+            None,
+            [cfg.teacher.training_stage()],
+            data.train,
+            data.test,
+            seed=cfg.seed,
+            device=device,
+            out_dir=out,
+            resume=resume,
+            progress=progress,
+            name="teacher",
+            checkpoint_every_steps=cfg.checkpoint_every_steps,
+            nonfinite=cfg.nonfinite,
+        )
+        if dist.is_main:
+            move_checkpoint(out / "student.pt", out / TEACHER_WEIGHTS)
+            if export_safetensors:
+                export_weights(out / TEACHER_WEIGHTS, out / "teacher.safetensors")
+        distributed.barrier()  # the other ranks load teacher.pt next
     return result
 
 
@@ -238,39 +278,49 @@ def distill(
     force: bool = False,
     progress: bool = True,
     name: str = "student",
+    export_safetensors: bool = False,
 ) -> RunResult:
-    """Run ``cfg.stages`` into ``out_dir`` (training the teacher first if none is given)."""
+    """Run ``cfg.stages`` into ``out_dir`` (training the teacher first if none is given).
+
+    ``OUT/.lock`` is held throughout: a second run into ``out_dir`` is refused.
+    With ``export_safetensors``, the weights are also written as ``student.safetensors``.
+    """
     out = Path(out_dir)
     check_run(cfg)
     dist, device_name = distributed.setup(cfg.device)
     if cfg.sync_batchnorm and dist.enabled and not device_name.startswith("cuda"):
         raise UserError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only)")
-    if force and out.exists() and dist.is_main:
-        shutil.rmtree(out)
-    distributed.barrier()
-    cfg = resolve_teacher(cfg, out, resume=resume, force=False, progress=progress)
-    _claim_run_dir(out, cfg.to_yaml(), resume, force=False)
     device = resolve_device(device_name)
-    data = prepare_data(cfg.data, cfg.seed, device, dist.rank, dist.world_size)
-    student, teacher = _models(cfg, data)
-    if cfg.sync_batchnorm and dist.enabled:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    return run_stages(
-        student,
-        teacher,
-        cfg.stages,
-        data.train,
-        data.test,
-        reference=cfg.reference,
-        seed=cfg.seed,
-        device=device,
-        out_dir=out,
-        resume=resume,
-        progress=progress,
-        name=name,
-        checkpoint_every_steps=cfg.checkpoint_every_steps,
-        nonfinite=cfg.nonfinite,
-    )
+    with _locked(out, device):
+        if force and dist.is_main:
+            _clear_run_dir(out)
+        distributed.barrier()
+        cfg = resolve_teacher(cfg, out, resume=resume, force=False, progress=progress)
+        _claim_run_dir(out, cfg.to_yaml(), resume, force=False)
+        data = prepare_data(cfg.data, cfg.seed, device, dist.rank, dist.world_size)
+        student, teacher = _models(cfg, data)
+        if cfg.sync_batchnorm and dist.enabled:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        result = run_stages(
+            student,
+            teacher,
+            cfg.stages,
+            data.train,
+            data.test,
+            reference=cfg.reference,
+            seed=cfg.seed,
+            device=device,
+            out_dir=out,
+            resume=resume,
+            progress=progress,
+            name=name,
+            checkpoint_every_steps=cfg.checkpoint_every_steps,
+            nonfinite=cfg.nonfinite,
+        )
+        if export_safetensors and dist.is_main:
+            export_weights(out / "student.pt", out / "student.safetensors")
+        distributed.barrier()
+    return result
 
 
 def evaluate_checkpoint(
@@ -287,7 +337,7 @@ def evaluate_checkpoint(
     if model_name is None:
         if cfg is None:
             raise UserError(f"no config.yaml beside {path}; pass --model NAME")
-        is_teacher = path.name == TEACHER_WEIGHTS and cfg.teacher is not None
+        is_teacher = path.stem == "teacher" and cfg.teacher is not None  # .pt, .safetensors
         model_spec = cfg.teacher.model if is_teacher else cfg.student.model  # type: ignore[union-attr]
     else:
         model_spec = validate(ModelSpec, {"name": model_name}, "--model")

@@ -26,7 +26,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from smskd import distributed
-from smskd.checkpoint import atomic_save, load_state_dict, rng_state, safe_load, set_rng_state
+from smskd.checkpoint import (
+    atomic_save,
+    has_checkpoint,
+    load_latest,
+    load_state_dict,
+    rng_state,
+    set_rng_state,
+)
 from smskd.config import OptimizerConfig, ReferenceConfig, ScheduleConfig, Stage
 from smskd.engine import (
     EpochProgress,
@@ -362,13 +369,14 @@ class _Run:
         return RunResult(self.student, list(self.metrics.records), time.perf_counter() - started)
 
     def _resume_state(self) -> dict[str, Any] | None:
-        if self.checkpoints is None or not (self.checkpoints / "last.pt").exists():
+        if self.checkpoints is None or not has_checkpoint(self.checkpoints):
             return None
         # On the CPU: RNG states must stay CPU tensors; load_state_dict copies to the device.
-        state = safe_load(self.checkpoints / "last.pt", map_location="cpu")
+        # A damaged last.pt (size or checksum) falls back to last.prev.pt, saying so.
+        state, path = load_latest(self.checkpoints, "cpu", log=self.log)
         if state.get("num_stages") != len(self.stages):
             raise UserError(
-                f"cannot resume from {self.checkpoints / 'last.pt'}: it was written for "
+                f"cannot resume from {path}: it was written for "
                 f"{state.get('num_stages')} stages, this run has {len(self.stages)}"
             )
         self.student.load_state_dict(state["student"])
@@ -534,7 +542,7 @@ class _Run:
             "scheduler": parts.scheduler.state_dict(),
             "rng": rng_state(),
         }
-        atomic_save(state, self.checkpoints / "last.pt")
+        atomic_save(state, self.checkpoints / "last.pt", keep_previous=True)
 
 
 @dataclass
