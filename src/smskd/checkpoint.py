@@ -271,12 +271,16 @@ def safe_load(
         try:
             return torch.load(handle, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
-            first = _first_line(err)
+            lines = [line.strip() for line in str(err).splitlines()]
+            # torch's message opens with advice to load unsafely; the useful line names
+            # what the file tried to import.
+            named = [line for line in lines if "GLOBAL" in line or "global" in line]
+            first = named[0] if named else _first_line(err)
             raise UserError(
                 f"checkpoint {str(path)!r} was refused: it holds more than tensors and plain "
                 f"containers (safe loading, weights_only=True): {first}"
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
+        except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as err:
             raise UserError(
                 f"checkpoint {str(path)!r} is unreadable (truncated or not a torch file): "
                 f"{_first_line(err)}"
@@ -379,10 +383,12 @@ def load_weights(model: torch.nn.Module, path: str | Path, role: str = "model") 
     try:
         model.load_state_dict(load_state_dict(path))
     except RuntimeError as err:
-        detail = str(err).splitlines()[0]
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        detail = lines[0] if lines else str(err).splitlines()[0]
+        what = "the configured model" if role == "model" else f"the configured {role} model"
         raise UserError(
-            f"{role} checkpoint {str(path)!r} does not fit the configured {role} model "
-            f"({detail}); check the model name and num_classes"
+            f"{role} checkpoint {str(path)!r} does not fit {what} ({detail}); check the "
+            "model name, num_classes and input channels"
         ) from None
 
 

@@ -285,7 +285,9 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] = ()) 
         if not path.is_file():
             raise UserError(f"config file {str(path)!r} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError) as err:
+            raise UserError(f"{path}: cannot read it as UTF-8 text ({err})") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark else ""
@@ -310,7 +312,10 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise UserError(f"override {override!r} must look like key.path=value")
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        raise UserError(f"override {override!r}: the value {text!r} is not valid YAML") from None
     parts = key.split(".")
     targets: list[Any] = [raw]
     for part in parts[:-1]:

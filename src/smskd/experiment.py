@@ -32,7 +32,7 @@ from smskd.engine import evaluate
 from smskd.errors import UserError
 from smskd.models.registry import build_from_factory, build_model
 from smskd.pipeline import RunResult, check_stages, resolve_device, run_stages
-from smskd.runlock import LOCK_NAME, run_lock
+from smskd.runlock import LOCK_NAME, make_run_dir, run_lock
 from smskd.taps import ModelLayout
 
 TEACHER_WEIGHTS = "teacher.pt"
@@ -181,7 +181,7 @@ def _claim_run_dir(out: Path, cfg_yaml: str, resume: bool, force: bool) -> None:
                 "or choose another --out"
             )
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_run_dir(out)
         saved.write_text(cfg_yaml)
     distributed.barrier()
 

@@ -172,10 +172,24 @@ def run_lock(out_dir: str | Path, *, log: Callable[[str], None] | None = None) -
     warning). Yields the lock file's path.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_run_dir(out)
     lock = out / LOCK_NAME
     token = _acquire(out, lock, log or logger.warning)
     try:
         yield lock
     finally:
         _release(out, lock, token)
+
+
+def make_run_dir(out: Path) -> None:
+    """Create ``out`` (and parents), or say in one line why it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(
+            f"cannot use {out} as a run directory: a file of that name exists"
+        ) from None
+    except OSError as err:
+        raise UserError(
+            f"cannot create run directory {out}: {err.strerror or err}; choose another --out"
+        ) from None
