@@ -66,7 +66,12 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
     from smskd.experiment import TEACHER_WEIGHTS, train_teacher
 
     result = train_teacher(
-        _load(args), args.out, resume=args.resume, force=args.force, progress=not args.no_progress
+        _load(args),
+        args.out,
+        resume=args.resume,
+        force=args.force,
+        progress=not args.no_progress,
+        export_safetensors=args.safetensors,
     )
     _say(f"teacher test acc {result.final_accuracy:.2f}%; weights: {args.out}/{TEACHER_WEIGHTS}")
 
@@ -80,6 +85,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
         resume=args.resume,
         force=args.force,
         progress=not args.no_progress,
+        export_safetensors=args.safetensors,
     )
     _say(
         f"student test acc {result.final_accuracy:.2f}% (last epoch), "
@@ -165,6 +171,11 @@ def _parser() -> argparse.ArgumentParser:
             default=[],
             metavar="KEY=VALUE",
             help="override a config key, e.g. stages.*.epochs=5 (repeatable)",
+        )
+        p.add_argument(
+            "--safetensors",
+            action="store_true",
+            help="also write the final weights as .safetensors (pip install safetensors)",
         )
         p.add_argument(
             "--download",
