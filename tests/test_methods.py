@@ -178,26 +178,77 @@ def test_zero_loss_when_student_equals_teacher(name: str) -> None:
 # --------------------------------------------------- gradients, frozen teacher, stage run
 
 
+# Default taps on the zoo's ConvNet (features block1..3, embedding fc:input), per method.
+TAPS_BY_METHOD = {
+    ("kd", "dkd", "dist", "lskd"): (),
+    ("fitnets",): ("block2",),
+    ("at", "nst", "vid", "reviewkd"): ("block1", "block2", "block3"),
+    ("ft", "sp"): ("block3",),
+    ("rkd", "pkt", "cc", "crd"): ("fc:input",),
+}
+DEFAULT_TAPS = {name: list(taps) for names, taps in TAPS_BY_METHOD.items() for name in names}
+CAN_BE_NEGATIVE = {"vid"}  # a Gaussian negative log-likelihood: ½·log σ² may be < 0
+
+
+def test_every_method_has_its_default_taps_listed() -> None:
+    assert set(DEFAULT_TAPS) == set(METHODS)
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_gradients_reach_student_and_helpers_only(name, student, teacher, indexed_data) -> None:
+def test_training_steps_move_student_and_helpers_never_the_teacher(
+    name, student, live_teacher, indexed_data
+) -> None:
+    """Two real steps with a teacher handed over unfrozen (train mode, requires_grad):
+    gradients reach the student and the method's helpers, and the teacher — its
+    BatchNorm statistics included — stays exactly as it was."""
     train, _ = indexed_data
-    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     stage = Stage(methods=[name], epochs=1, ce_weight=0.0)
-    probe = next(iter(train))
     models, methods = _build_stage(
-        stage, student, teacher, None, probe, torch.device("cpu"), len(train.dataset)
+        stage,
+        student,
+        live_teacher,
+        None,
+        next(iter(train)),
+        torch.device("cpu"),
+        len(train.dataset),
     )
-    objective = StageObjective(0.0, [(methods[0], 1.0)], ReferenceConfig())
-    x, y, index = next(iter(train))
-    models.train()
-    total, _ = step_loss(models, objective, x, y, index)
-    total.backward()
-    assert total.item() > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    for p in methods[0].parameters():  # FitNets' regressor learns too
-        assert p.grad is not None
-    for key, value in teacher.state_dict().items():
-        assert torch.equal(value, teacher_before[key]), key
-    models.student_taps.remove()
-    models.teacher_taps.remove()
+    method = methods[0]
+    try:
+        assert method.student_taps() == method.teacher_taps() == DEFAULT_TAPS[name]
+        if not method.helpers:
+            assert list(method.parameters()) == []
+        # After the build: its probe runs the teacher in the mode it is handed in
+        # (run_stages freezes it first); from here on the stage itself must keep it.
+        teacher_before = {k: v.clone() for k, v in live_teacher.state_dict().items()}
+        student_before = [p.detach().clone() for p in student.parameters()]
+        helpers_before = [p.detach().clone() for p in method.parameters()]
+        objective = StageObjective(0.0, [(method, 1.0)], ReferenceConfig())
+        params = [*student.parameters(), *method.parameters()]
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        models.train()
+        for step, (x, y, index) in enumerate(list(train)[:2]):
+            optimizer.zero_grad()
+            total, _ = step_loss(models, objective, x, y, index)
+            total.backward()
+            if step == 0:
+                assert any(
+                    p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters()
+                )
+                assert all(p.grad is not None for p in method.parameters())
+            optimizer.step()
+        assert math.isfinite(total.item())
+        assert name in CAN_BE_NEGATIVE or total.item() > 0
+        pairs = zip(student.parameters(), student_before, strict=True)
+        assert any(not torch.equal(p, q) for p, q in pairs)
+        moved = [
+            not torch.equal(p, q) for p, q in zip(method.parameters(), helpers_before, strict=True)
+        ]
+        # Every helper learns; FT's conv biases right before BatchNorm get exactly zero
+        # gradient (the normalization removes them), so there only most of them do.
+        assert all(moved) or (name == "ft" and sum(moved) > len(moved) // 2)
+        assert all(p.requires_grad and p.grad is None for p in live_teacher.parameters())
+        for key, value in live_teacher.state_dict().items():
+            assert torch.equal(value, teacher_before[key]), key
+    finally:
+        models.student_taps.remove()
+        models.teacher_taps.remove()

@@ -13,7 +13,7 @@ from smskd.config import ReferenceConfig, Stage
 from smskd.engine import StageObjective, step_loss
 from smskd.methods import Outputs, StageContext
 from smskd.methods.cc import CC
-from smskd.pipeline import _build_stage, run_stages
+from smskd.pipeline import _build_stage
 
 CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)
 ROOT3 = math.sqrt(3)
@@ -172,15 +172,3 @@ def test_cc_training_step_moves_student_and_helpers_not_teacher(
         assert torch.equal(value, teacher_before[key]), key
     models.student_taps.remove()
     models.teacher_taps.remove()
-
-
-def test_cc_in_two_stage_run(student, teacher, tiny_data, monkeypatch) -> None:
-    monkeypatch.setitem(smskd.methods.registry.METHODS, "cc", CC)
-    train, test = tiny_data
-    stages = [Stage(methods=["kd"], epochs=1), Stage(methods=["cc"], epochs=1)]
-    result = run_stages(
-        student, teacher, stages, train, test, device="cpu", progress=False, log=lambda _: None
-    )
-    assert len(result.history) == 2
-    assert math.isfinite(result.history[1]["train_cc"])
-    assert result.history[1]["train_cc"] > 0
