@@ -222,6 +222,15 @@ def atomic_save(obj: Any, path: str | Path, *, keep_previous: bool = False) -> N
     _atomic_write(path, lambda handle: torch.save(obj, handle), keep_previous)
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace the text file ``path`` in one rename (no sidecar: for indexes and results)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _write_temp(path.parent, path.name, lambda handle: handle.write(text.encode()))
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def move_checkpoint(src: str | Path, dst: str | Path) -> None:
     """Rename a checkpoint and its sidecar (``student.pt`` → ``teacher.pt``), atomically each."""
     src, dst = Path(src), Path(dst)

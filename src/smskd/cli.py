@@ -15,6 +15,8 @@ EXAMPLES = {
     "quickstart": "smskd quickstart --out runs/quickstart",
     "train-teacher": "smskd train-teacher configs/quickstart.yaml --out runs/teacher",
     "distill": ("smskd distill configs/quickstart.yaml --out runs/smskd --set stages.*.epochs=5"),
+    "sweep": "smskd sweep configs/sweeps/fashion-mnist.yaml --out results/fashion-mnist",
+    "report": "smskd report results/fashion-mnist",
     "eval": "smskd eval runs/quickstart/smskd/student.pt",
     "methods": "smskd methods --format json",
     "models": "smskd models",
@@ -91,6 +93,36 @@ def cmd_distill(args: argparse.Namespace) -> None:
         f"student test acc {result.final_accuracy:.2f}% (last epoch), "
         f"{result.best_accuracy:.2f}% (best epoch); weights: {args.out}/student.pt"
     )
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from smskd.sweep import load_sweep, plan, run_sweep
+
+    if args.dry_run:
+        runs = plan(load_sweep(args.sweep), args.sweep, args.out)
+        rows = [
+            {
+                "label": r.label,
+                "seed": r.seed,
+                "group": r.group,
+                "stages": r.stages,
+                "dir": (r.same_as and f"= {r.same_as}") or r.dir,
+            }
+            for r in runs
+        ]
+        _print_rows(rows, ["label", "seed", "group", "stages", "dir"], args.format)
+        return
+    run_sweep(args.sweep, args.out, progress=not args.no_progress)
+    if not args.no_report:
+        from smskd.report import write_sweep_report
+
+        _say(f"report: {write_sweep_report(args.out)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from smskd.report import write_sweep_report
+
+    print(f"report: {write_sweep_report(args.runs_dir, plots=not args.no_plots)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -214,6 +246,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     config_options(p)
     run_options(p, None)
+
+    p = command(
+        "sweep",
+        cmd_sweep,
+        "Expand a sweep file (recipes × seeds × overrides) and run every run in turn; "
+        "finished runs are skipped, a half-done one resumes. Writes OUT/index.json and "
+        "OUT/report.md.",
+    )
+    p.add_argument("sweep", help="sweep file (YAML)")
+    p.add_argument("--out", required=True, help="sweep directory")
+    p.add_argument("--dry-run", action="store_true", help="list the runs; train nothing")
+    p.add_argument("--format", choices=["table", "json"], default="table", help="for --dry-run")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = command(
+        "report",
+        cmd_report,
+        "Aggregate a sweep directory: tables (mean ± std over seeds, paired differences "
+        "with 95%% CIs) and plots, into RUNS_DIR/report.md and RUNS_DIR/plots/.",
+    )
+    p.add_argument("runs_dir", help="a directory written by smskd sweep")
+    p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib)")
 
     p = command("eval", cmd_eval, "Test accuracy of saved weights (student.pt / teacher.pt).")
     p.add_argument("checkpoint")

@@ -236,12 +236,18 @@ class StudentConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    """A whole run: data, teacher, student, the stage list and the reference loss."""
+    """A whole run: data, teacher, student, the stage list and the reference loss.
+
+    ``extra_teachers`` makes the teacher an ensemble: the stages see the average of
+    ``teacher``'s and their logits (the paper's multi-teacher baseline), so only
+    response-based methods, which read logits alone, can use it.
+    """
 
     seed: int = Field(default=0, ge=0, lt=2**32)
     device: str = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
+    extra_teachers: list[TeacherConfig] = Field(default_factory=list)
     student: StudentConfig
     stages: list[Stage] = Field(min_length=1)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
@@ -263,7 +269,27 @@ class RunConfig(_Strict):
                 else (f"reference.weighting {self.reference.weighting!r} reads the teacher's TCP")
             )
             raise ValueError(f"teacher: required because {reason}; add a 'teacher:' section")
+        if self.extra_teachers:
+            self._logit_methods_only()
         return self
+
+    def _logit_methods_only(self) -> None:
+        from smskd.methods.registry import METHODS
+
+        if self.teacher is None:
+            raise ValueError("extra_teachers: needs a 'teacher:' section to average with")
+        for k, stage in enumerate(self.stages):
+            for spec in stage.methods:
+                if METHODS[spec.name].family != "response":
+                    raise ValueError(
+                        f"stages.{k}: method {spec.name!r} taps one teacher's layers, but "
+                        "extra_teachers averages several teachers' logits; use a response-"
+                        "based method (kd, dkd, dist, lskd) or drop extra_teachers"
+                    )
+
+    @property
+    def all_teachers(self) -> list[TeacherConfig]:
+        return [self.teacher, *self.extra_teachers] if self.teacher is not None else []
 
     @property
     def total_epochs(self) -> int:

@@ -20,7 +20,7 @@ from smskd.config import ReferenceConfig
 from smskd.distributed import all_reduce_sum
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs
-from smskd.reference import reference_term
+from smskd.reference import reference_term, weight_histogram
 from smskd.taps import FeatureTaps
 
 
@@ -113,6 +113,7 @@ def step_loss(
         total = total + terms["reference"]
         terms["ref_weight_mean"] = weights.mean()
         terms["ref_weight_sq_mean"] = weights.pow(2).mean()
+        terms["ref_weight_hist"] = weight_histogram(weights, objective.reference.lam)
     terms["loss"] = total
     return total, {k: v.detach() for k, v in terms.items()}
 
@@ -155,7 +156,7 @@ def train_epoch(
     progress: EpochProgress | None = None,
     after_step: Callable[[EpochProgress], None] | None = None,
     nonfinite: str = "stop",
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One pass over ``batches``; returns the mean of every loss term.
 
     ``progress`` resumes a partly done epoch: its first ``progress.steps`` batches are
@@ -206,14 +207,17 @@ def train_epoch(
     counted = progress.steps - progress.skipped
     if counted == 0:
         raise NonFiniteLoss(1)  # every batch of the epoch was skipped
+    means: dict[str, Any] = {}
     keys = sorted(progress.sums)  # the same on every rank: same methods, same terms
     if keys:
-        packed = torch.stack([progress.sums[key].float() for key in keys])
-        packed = torch.cat([packed, packed.new_tensor([counted])])
-        *sums, counted_all = all_reduce_sum(packed).tolist()
-        means = {key: value / counted_all for key, value in zip(keys, sums, strict=True)}
-    else:
-        means = {}
+        # One all-reduce for every term; vector terms (the weight histogram) are flattened.
+        parts = [progress.sums[key].float().reshape(-1) for key in keys]
+        packed = torch.cat([*parts, parts[0].new_tensor([counted])])
+        reduced = all_reduce_sum(packed)
+        counted_all = reduced[-1].item()
+        for key, part in zip(keys, reduced[:-1].split([len(p) for p in parts]), strict=True):
+            mean = (part / counted_all).tolist()
+            means[key] = mean if progress.sums[key].dim() else mean[0]
     if "ref_weight_sq_mean" in means:
         variance = max(means.pop("ref_weight_sq_mean") - means["ref_weight_mean"] ** 2, 0.0)
         means["ref_weight_std"] = variance**0.5

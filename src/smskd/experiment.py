@@ -22,7 +22,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from smskd import distributed
 from smskd.checkpoint import export_weights, load_weights, move_checkpoint
-from smskd.config import AugmentConfig, DataConfig, ModelSpec, RunConfig, load_config, validate
+from smskd.config import (
+    AugmentConfig,
+    DataConfig,
+    ModelSpec,
+    RunConfig,
+    TeacherConfig,
+    load_config,
+    validate,
+)
 from smskd.data.augment import Augment
 from smskd.data.download import download
 from smskd.data.image_folder import ImageFolderSource
@@ -30,6 +38,7 @@ from smskd.data.memory import InMemoryLoader, stratified_subset
 from smskd.data.registry import DATASETS, load_dataset
 from smskd.engine import evaluate
 from smskd.errors import UserError
+from smskd.models.ensemble import LogitAverage
 from smskd.models.registry import build_from_factory, build_model
 from smskd.pipeline import RunResult, check_stages, resolve_device, run_stages
 from smskd.runlock import LOCK_NAME, make_run_dir, run_lock
@@ -236,30 +245,41 @@ def train_teacher(
 def resolve_teacher(
     cfg: RunConfig, out_dir: str | Path, *, resume: bool, force: bool, progress: bool
 ) -> RunConfig:
-    """Fill ``teacher.checkpoint``, training the teacher into ``OUT/teacher`` if needed."""
-    if cfg.teacher is None or cfg.teacher.checkpoint is not None:
+    """Fill every teacher's ``checkpoint``, training those without one first: the
+    teacher into ``OUT/teacher``, extra teachers into ``OUT/teacher-2``, ``-3``..."""
+    resolved = []
+    for j, teacher in enumerate(cfg.all_teachers):
+        if teacher.checkpoint is None:
+            teacher_dir = Path(out_dir) / ("teacher" if j == 0 else f"teacher-{j + 1}")
+            weights = teacher_dir / TEACHER_WEIGHTS
+            if not (weights.exists() and resume):
+                alone = cfg.model_copy(update={"teacher": teacher, "extra_teachers": []})
+                train_teacher(alone, teacher_dir, resume=resume, force=force, progress=progress)
+            teacher = teacher.model_copy(update={"checkpoint": str(weights)})
+        resolved.append(teacher)
+    if not resolved:
         return cfg
-    teacher_dir = Path(out_dir) / "teacher"
-    weights = teacher_dir / TEACHER_WEIGHTS
-    if not (weights.exists() and resume):
-        train_teacher(cfg, teacher_dir, resume=resume, force=force, progress=progress)
-    return cfg.model_copy(
-        update={"teacher": cfg.teacher.model_copy(update={"checkpoint": str(weights)})}
-    )
+    return cfg.model_copy(update={"teacher": resolved[0], "extra_teachers": resolved[1:]})
+
+
+def _teacher_model(spec: TeacherConfig, data: Data) -> nn.Module:
+    teacher = make_model(spec.model, data)
+    if spec.checkpoint is not None:
+        load_weights(teacher, spec.checkpoint, "teacher")
+    return teacher
 
 
 def _models(cfg: RunConfig, data: Data) -> tuple[nn.Module, nn.Module | None]:
-    """Student and teacher of ``cfg``, with the weights it names (if they exist yet)."""
+    """Student and teacher of ``cfg``, with the weights it names (if they exist yet);
+    with ``extra_teachers`` the teacher is their :class:`LogitAverage`."""
     torch.manual_seed(cfg.seed)
     student = make_model(cfg.student.model, data)
     if cfg.student.checkpoint is not None:
         load_weights(student, cfg.student.checkpoint, "student")
-    teacher = None
-    if cfg.teacher is not None:
-        teacher = make_model(cfg.teacher.model, data)
-        if cfg.teacher.checkpoint is not None:
-            load_weights(teacher, cfg.teacher.checkpoint, "teacher")
-    return student, teacher
+    teachers = [_teacher_model(spec, data) for spec in cfg.all_teachers]
+    if len(teachers) > 1:
+        return student, LogitAverage(teachers)
+    return student, teachers[0] if teachers else None
 
 
 def check_run(cfg: RunConfig) -> None:

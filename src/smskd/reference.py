@@ -80,3 +80,16 @@ def reference_term(
         student_logits, reference_logits, cfg.loss, cfg.temperature
     )
     return (weights * per_sample).mean(), weights
+
+
+WEIGHT_BINS = 20
+
+
+def weight_histogram(weights: Tensor, lam: float, bins: int = WEIGHT_BINS) -> Tensor:
+    """Fraction of the batch in each of ``bins`` equal bins of ``w_i / λ`` on [0, 1].
+
+    Relative to λ, so runs with different λ share one axis; for ``inverse_tcp`` it is
+    the distribution of ``1 − TCP``, for ``fixed`` a spike in the last bin.
+    """
+    relative = weights.float() / lam if lam > 0 else torch.zeros_like(weights, dtype=torch.float)
+    return torch.histc(relative.clamp(0, 1), bins=bins, min=0.0, max=1.0) / len(weights)

@@ -20,9 +20,10 @@ class Row:
 
 
 def git_commit(path: Path | None = None) -> str:
+    """Short commit of the checkout at ``path``, with ``-dirty`` if files differ from it."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
             cwd=path or Path.cwd(),
             capture_output=True,
             text=True,

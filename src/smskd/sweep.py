@@ -1,0 +1,387 @@
+"""``smskd sweep``: a grid of recipes × seeds × overrides, run one after another.
+
+A sweep file names one or more base configs (SMSKD runs), the seeds, config
+overrides (fixed ``set`` and a ``grid`` of values, crossed) and the recipes
+(:mod:`smskd.recipes`) to derive from each base::
+
+    name: fashion-mnist
+    base: ../fashion-mnist.yaml          # relative to this file; or a list of files
+    seeds: [0, 1, 2]
+    set: [data.train_subset=8000]
+    recipes:
+      - scratch
+      - single                           # one run per method of the base
+      - {kind: smskd, name: lambda, group: lambda, grid: {reference.lam: [0.5, 1.0, 2.0]}}
+
+Every expanded run gets a directory ``OUT/<label>/seed-<s>`` (``OUT/<base>/...``
+when there are several bases) and a line in ``OUT/index.json``. A run whose
+resolved config equals an earlier one's is not run twice: its line points at that
+run (``same_as``). Teachers are trained once per distinct teacher config, into
+``OUT/teachers/``, and shared by every run. Re-running the command skips finished
+runs (``result.json``) and resumes a half-done one from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+
+from smskd.checkpoint import atomic_write_text
+from smskd.config import (
+    ReferenceConfig,
+    RunConfig,
+    StudentConfig,
+    TeacherConfig,
+    _Strict,
+    load_config,
+    validate,
+)
+from smskd.errors import UserError
+from smskd.recipes import RECIPES, expand
+from smskd.report import git_commit
+from smskd.tracking import MetricsLog
+
+INDEX = "index.json"
+RESULT = "result.json"
+
+# The comparison table a recipe kind lands in when its entry names no group.
+DEFAULT_GROUPS = {"stages": "stages", "orders": "orders"}
+
+
+class RecipeEntry(_Strict):
+    """One line of ``recipes:``: a kind, and what sets its runs apart."""
+
+    kind: Literal["scratch", "single", "joint", "smskd", "multi-teacher", "stages", "orders"]
+    name: str | None = None  # label of its runs (default: the kind's own labels)
+    group: str | None = None  # the report's comparison table (default: main)
+    set: list[str] = Field(default_factory=list)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    method: str | None = None  # single / multi-teacher: this method only
+    teachers: list[TeacherConfig] = Field(default_factory=list)  # multi-teacher: the others
+
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid key {key!r} has no values")
+        return grid
+
+
+class SweepConfig(_Strict):
+    name: str
+    base: str | list[str]
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    set: list[str] = Field(default_factory=list)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    recipes: list[RecipeEntry] = Field(min_length=1)
+    teacher_seed: int = Field(default=0, ge=0)  # the shared teachers' training seed
+
+    @field_validator("recipes", mode="before")
+    @classmethod
+    def _kinds(cls, entries: Any) -> Any:
+        if not isinstance(entries, list):
+            return entries
+        return [RecipeEntry._shorthand(e) for e in entries]
+
+    @property
+    def bases(self) -> list[str]:
+        return [self.base] if isinstance(self.base, str) else list(self.base)
+
+
+@dataclass
+class PlannedRun:
+    """One run of the sweep, as ``index.json`` lists it."""
+
+    label: str
+    kind: str
+    group: str
+    seed: int
+    base: str
+    stages: str
+    dir: str
+    config_sha: str
+    same_as: str | None = None  # dir of an earlier run with the same config
+    status: str = "pending"
+    final_acc: float | None = None
+    best_acc: float | None = None
+    wall_time: float | None = None
+    error: str | None = None
+    config: RunConfig | None = field(default=None, repr=False)
+
+    def record(self) -> dict[str, Any]:
+        row = asdict(self)
+        row.pop("config")
+        return row
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: not a readable YAML file ({err})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping (name, base, seeds, recipes) at the top")
+    for entry in raw.get("recipes") or []:
+        if isinstance(entry, dict) and entry.get("teachers"):
+            # "resnet8" stands for {model: resnet8}, as a model name does elsewhere.
+            entry["teachers"] = [
+                {"model": t} if isinstance(t, str) else t for t in entry["teachers"]
+            ]
+    return validate(SweepConfig, raw, str(path))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "-", text).strip("-")
+
+
+def _grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def _point_label(point: dict[str, Any]) -> str:
+    return ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in point.items())
+
+
+def _base_raw(sweep_path: Path, base: str) -> tuple[str, dict[str, Any]]:
+    path = (sweep_path.parent / base).resolve()
+    if not path.is_file():
+        raise UserError(f"{sweep_path}: base config {base!r} not found (looked at {path})")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of keys at the top")
+    return path.stem, raw
+
+
+def _override_text(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"  # JSON is YAML: lists and strings survive
+
+
+def plan(sweep: SweepConfig, sweep_path: str | Path, out: str | Path) -> list[PlannedRun]:
+    """Every run of the sweep, seed by seed (all of seed 0 first: a sweep cut short
+    still has a complete table), each config validated before anything trains."""
+    sweep_path, out = Path(sweep_path), Path(out)
+    bases = [_base_raw(sweep_path, base) for base in sweep.bases]
+    several = len(bases) > 1
+    runs: list[PlannedRun] = []
+    seen: dict[str, str] = {}
+    for seed in sweep.seeds:
+        for base_name, base_raw in bases:
+            for entry in sweep.recipes:
+                for point in _grid_points({**sweep.grid, **entry.grid}):
+                    overrides = [*sweep.set, *entry.set]
+                    overrides += [_override_text(k, v) for k, v in point.items()]
+                    raw = copy.deepcopy(base_raw)
+                    where = f"{sweep_path}: recipe {entry.name or entry.kind!r} on {base_name}"
+                    try:
+                        cfg = load_config(raw, [*overrides, f"seed={seed}"])
+                        expanded = expand(
+                            cfg, entry.kind, method=entry.method, teachers=entry.teachers
+                        )
+                    except (UserError, ValueError) as err:
+                        raise UserError(f"{where}: {err}") from None
+                    for label, run_cfg in expanded:
+                        if entry.name:
+                            label = entry.name if len(expanded) == 1 else f"{entry.name}-{label}"
+                        if point:
+                            label = f"{label}({_point_label(point)})"
+                        # Recipes copy configs without validation: validate the result.
+                        run_cfg = validate(RunConfig, run_cfg.model_dump(mode="json"), where)
+                        text = run_cfg.to_yaml()
+                        sha = hashlib.sha256(f"{base_name}\n{text}".encode()).hexdigest()[:12]
+                        parts = [base_name] if several else []
+                        run_dir = out.joinpath(*parts, _slug(label), f"seed-{seed}")
+                        runs.append(
+                            PlannedRun(
+                                label=label,
+                                kind=entry.kind,
+                                group=entry.group or DEFAULT_GROUPS.get(entry.kind, "main"),
+                                seed=seed,
+                                base=base_name,
+                                stages=" → ".join(s.label for s in run_cfg.stages),
+                                dir=str(run_dir),
+                                config_sha=sha,
+                                same_as=seen.get(sha),
+                                config=run_cfg,
+                            )
+                        )
+                        seen.setdefault(sha, str(run_dir))
+    labels = [(r.base, r.label, r.seed) for r in runs]
+    repeated = next((x for x in labels if labels.count(x) > 1), None)
+    if repeated:
+        raise UserError(
+            f"{sweep_path}: two recipes give runs labelled {repeated[1]!r}; "
+            "give one of them a 'name:'"
+        )
+    return runs
+
+
+def _teacher_trainer(cfg: RunConfig, teacher: TeacherConfig, seed: int) -> RunConfig:
+    """The run that trains ``teacher``: only what it depends on (data, device, seed)."""
+    return cfg.model_copy(
+        update={
+            "seed": seed,
+            "teacher": teacher,
+            "extra_teachers": [],
+            "student": StudentConfig(model=teacher.model),
+            "stages": [teacher.training_stage()],
+            "reference": ReferenceConfig(),
+        }
+    )
+
+
+class Sweep:
+    """Executes a plan into ``out``, keeping ``index.json`` current after every run."""
+
+    def __init__(
+        self,
+        sweep: SweepConfig,
+        sweep_path: Path,
+        out: Path,
+        *,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.sweep, self.sweep_path, self.out = sweep, sweep_path, out
+        self.progress, self.log = progress, log
+        self.runs = plan(sweep, sweep_path, out)
+        self.teachers: dict[str, dict[str, Any]] = {}
+        self.started = time.time()
+        self.commit = git_commit(Path(__file__).parent)  # once: the code that ran
+
+    def _teacher(self, cfg: RunConfig, teacher: TeacherConfig) -> TeacherConfig:
+        from smskd.experiment import TEACHER_WEIGHTS, train_teacher
+
+        if teacher.checkpoint is not None:
+            return teacher
+        trainer = _teacher_trainer(cfg, teacher, self.sweep.teacher_seed)
+        sha = hashlib.sha256(trainer.to_yaml().encode()).hexdigest()[:8]
+        teacher_dir = self.out / "teachers" / f"{_slug(teacher.model.label)}-{sha}"
+        weights = teacher_dir / TEACHER_WEIGHTS
+        if not weights.exists():
+            self.log(f"training teacher {teacher.model.label} into {teacher_dir}")
+            train_teacher(trainer, teacher_dir, resume=True, progress=self.progress)
+        if str(teacher_dir) not in self.teachers:
+            records = MetricsLog(teacher_dir / "metrics.jsonl").records
+            self.teachers[str(teacher_dir)] = {
+                "model": teacher.model.label,
+                "dir": str(teacher_dir),
+                "epochs": teacher.epochs,
+                "final_acc": records[-1]["test_acc"] if records else None,
+            }
+            self._write_index()
+        return teacher.model_copy(update={"checkpoint": str(weights)})
+
+    def _with_teachers(self, cfg: RunConfig) -> RunConfig:
+        teachers = [self._teacher(cfg, t) for t in cfg.all_teachers]
+        if not teachers:
+            return cfg
+        return cfg.model_copy(update={"teacher": teachers[0], "extra_teachers": teachers[1:]})
+
+    def _write_index(self) -> None:
+        index = {
+            "sweep": self.sweep.name,
+            "sweep_file": str(self.sweep_path),
+            "bases": self.sweep.bases,
+            "seeds": self.sweep.seeds,
+            "commit": self.commit,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
+            "teachers": list(self.teachers.values()),
+            "runs": [run.record() for run in self.runs],
+        }
+        atomic_write_text(self.out / INDEX, json.dumps(index, indent=1) + "\n")
+
+    def execute(self) -> list[PlannedRun]:
+        from smskd.experiment import distill
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "sweep.yaml", self.sweep_path.read_text(encoding="utf-8"))
+        todo = [r for r in self.runs if r.same_as is None]
+        self.log(
+            f"sweep {self.sweep.name}: {len(self.runs)} runs ({len(todo)} distinct configs) "
+            f"into {self.out}"
+        )
+        by_dir = {r.dir: r for r in todo}
+        # Teachers first, each once: every run after this only loads them.
+        configs = {r.dir: self._with_teachers(r.config) for r in todo if r.config is not None}
+        for position, run in enumerate(todo, 1):
+            result_path = Path(run.dir) / RESULT
+            tag = f"[{position}/{len(todo)}] {run.label} seed {run.seed}"
+            if result_path.exists():
+                run.__dict__.update(json.loads(result_path.read_text()))
+                run.status = "done"
+                continue
+            cfg = configs[run.dir]
+            started = time.perf_counter()
+            try:
+                result = distill(cfg, run.dir, resume=True, progress=self.progress, name=run.label)
+            except UserError as err:
+                run.status, run.error = "failed", str(err)
+                self.log(f"{tag}: FAILED: {err}")
+                self._write_index()
+                continue
+            outcome = {
+                "final_acc": result.final_accuracy,
+                "best_acc": result.best_accuracy,
+                "wall_time": time.perf_counter() - started,
+            }
+            atomic_write_text(result_path, json.dumps(outcome) + "\n")
+            run.__dict__.update(outcome)
+            run.status = "done"
+            left = sum(1 for r in todo[position:] if not (Path(r.dir) / RESULT).exists())
+            self.log(
+                f"{tag}: {run.final_acc:.2f}% last epoch, {run.best_acc:.2f}% best, "
+                f"{outcome['wall_time']:.0f}s; {left} to go"
+            )
+            self._write_index()
+        for run in self.runs:
+            if run.same_as is not None:
+                first = by_dir[run.same_as]
+                run.status, run.final_acc, run.best_acc = (
+                    first.status,
+                    first.final_acc,
+                    first.best_acc,
+                )
+                run.wall_time, run.error = first.wall_time, first.error
+        self._write_index()
+        failed = [r for r in todo if r.status == "failed"]
+        if failed:
+            raise UserError(
+                f"{len(failed)} of {len(todo)} runs failed (first: {failed[0].label} seed "
+                f"{failed[0].seed}: {failed[0].error}); see {self.out / INDEX}"
+            )
+        return self.runs
+
+
+def run_sweep(
+    sweep_file: str | Path,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[PlannedRun]:
+    """Run every run of ``sweep_file`` into ``out_dir`` (finished ones are skipped)."""
+    path = Path(sweep_file)
+    return Sweep(load_sweep(path), path, Path(out_dir), progress=progress, log=log).execute()
+
+
+__all__ = ["RECIPES", "PlannedRun", "SweepConfig", "load_sweep", "plan", "run_sweep"]
