@@ -96,10 +96,13 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from smskd.sweep import load_sweep, plan, run_sweep
+    from smskd.sweep import load_sweep, plan, run_sweep, select
 
+    seeds = args.seeds
     if args.dry_run:
-        runs = plan(load_sweep(args.sweep), args.sweep, args.out)
+        runs = plan(load_sweep(args.sweep, args.set, seeds), args.sweep, args.out)
+        chosen = select(runs, args.only)
+        runs = [r for r in runs if (r.same_as or r.dir) in chosen]
         rows = [
             {
                 "label": r.label,
@@ -112,7 +115,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         ]
         _print_rows(rows, ["label", "seed", "group", "stages", "dir"], args.format)
         return
-    run_sweep(args.sweep, args.out, progress=not args.no_progress)
+    run_sweep(args.sweep, args.out, overrides=args.set, seeds=seeds, progress=not args.no_progress)
     if not args.no_report:
         from smskd.report import write_sweep_report
 
@@ -164,6 +167,18 @@ def cmd_datasets(args: argparse.Namespace) -> None:
         for name, e in DATASETS.items()
     ]
     _print_rows(rows, ["name", "description", "location"], args.format)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
+    if any(seed < 0 for seed in seeds):
+        raise argparse.ArgumentTypeError("seeds must be ≥ 0")
+    return seeds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -256,6 +271,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("sweep", help="sweep file (YAML)")
     p.add_argument("--out", required=True, help="sweep directory")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key in every run, e.g. data.root=/data (repeatable)",
+    )
+    p.add_argument(
+        "--seeds", type=_seed_list, help="comma-separated seeds instead of the file's, e.g. 0,1"
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="run only labels matching this shell pattern, e.g. 'order-*' or "
+        "'vgg19-resnet18/*' (repeatable)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs; train nothing")
     p.add_argument("--format", choices=["table", "json"], default="table", help="for --dry-run")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
@@ -308,7 +341,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return 2
     except RunStopped as stopped:
         again = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--force"]
-        hint = " ".join(["smskd", *again, *([] if "--resume" in again else ["--resume"])])
+        # A sweep resumes by running it again; a single run needs --resume.
+        resume = [] if "--resume" in again or args.command == "sweep" else ["--resume"]
+        hint = " ".join(["smskd", *again, *resume])
         print(f"smskd: {stopped}; continue with: {hint}", file=sys.stderr)
         return stopped.exit_code
     except KeyboardInterrupt:

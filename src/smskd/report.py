@@ -1,13 +1,24 @@
-"""Readable results: a markdown table of runs and the provenance of the numbers."""
+"""Readable results: markdown tables of runs and the provenance of the numbers.
+
+The quickstart's one-seed table, and a sweep's report (:func:`write_sweep_report`):
+one table per comparison with mean ± std over seeds and paired differences to joint
+and to the best single method, plain-sentence findings, plots, and what made them.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from smskd.errors import UserError
+from smskd.stats import PairedDifference, mean_std, paired_difference
 
 
 @dataclass
@@ -69,3 +80,318 @@ def write_report(
         "",
     ]
     path.write_text("\n".join(body))
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@dataclass
+class RecipeResult:
+    """One recipe of a sweep (one base), over the seeds that finished."""
+
+    label: str
+    kind: str
+    group: str
+    base: str
+    stages: str
+    final: dict[int, float] = field(default_factory=dict)  # seed → last-epoch test acc
+    best: dict[int, float] = field(default_factory=dict)  # seed → best-epoch test acc
+    wall_time: dict[int, float] = field(default_factory=dict)  # seed → train+eval seconds
+    curves: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # seed → records
+    same_as: str | None = None  # label of the recipe whose runs these are
+
+    @property
+    def seeds(self) -> int:
+        return len(self.final)
+
+
+@dataclass
+class SweepResults:
+    index: dict[str, Any]
+    recipes: list[RecipeResult]
+
+    def bases(self) -> list[str]:
+        return list(dict.fromkeys(r.base for r in self.recipes))
+
+    def groups(self, base: str) -> list[str]:
+        return list(dict.fromkeys(r.group for r in self.recipes if r.base == base))
+
+    def of(
+        self, base: str, group: str | None = None, kind: str | None = None
+    ) -> list[RecipeResult]:
+        return [
+            r
+            for r in self.recipes
+            if r.base == base
+            and (group is None or r.group == group)
+            and (kind is None or r.kind == kind)
+        ]
+
+    def teachers(self) -> list[dict[str, Any]]:
+        return [t for t in self.index.get("teachers", []) if t.get("final_acc") is not None]
+
+
+def load_sweep_results(runs_dir: str | Path) -> SweepResults:
+    """Read ``index.json`` and every finished run's ``metrics.jsonl`` under ``runs_dir``."""
+    from smskd.tracking import MetricsLog
+
+    root = Path(runs_dir)
+    index_path = root / "index.json"
+    if not index_path.is_file():
+        raise UserError(
+            f"{root} has no index.json: point smskd report at a directory written by smskd sweep"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{index_path}: not valid JSON ({err})") from None
+    recipes: dict[tuple[str, str], RecipeResult] = {}
+    label_of_dir = {run["dir"]: run["label"] for run in index["runs"] if not run.get("same_as")}
+    for run in index["runs"]:
+        key = (run["base"], run["label"])
+        if key not in recipes:
+            same = run.get("same_as")
+            recipes[key] = RecipeResult(
+                run["label"],
+                run["kind"],
+                run["group"],
+                run["base"],
+                run["stages"],
+                same_as=label_of_dir.get(same) if same else None,
+            )
+        recipe = recipes[key]
+        run_dir = _located(root, run.get("same_as") or run["dir"])
+        records = MetricsLog(run_dir / "metrics.jsonl").records
+        if not (run_dir / "result.json").is_file() or not records:
+            continue  # not finished (yet): its seed is not counted
+        seed = run["seed"]
+        recipe.final[seed] = records[-1]["test_acc"]
+        recipe.best[seed] = max(r["test_acc"] for r in records)
+        recipe.wall_time[seed] = sum(r["epoch_time"] for r in records)
+        recipe.curves[seed] = records
+    return SweepResults(index, list(recipes.values()))
+
+
+def _located(root: Path, run_dir: str) -> Path:
+    """A run directory as the index names it, or the same path found under ``root``
+    (a sweep directory that was moved, or read from another working directory)."""
+    path = Path(run_dir)
+    if path.is_dir():
+        return path
+    parts = path.parts
+    for start in range(len(parts)):
+        candidate = root.joinpath(*parts[start:])
+        if candidate.is_dir():
+            return candidate
+    return path
+
+
+def _mean_std_text(values: dict[int, float]) -> str:
+    if not values:
+        return "–"
+    mean, std = mean_std(list(values.values()))
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def _diff_text(diff: PairedDifference | None) -> str:
+    if diff is None:
+        return "–"
+    if diff.low is None:
+        return f"{diff.mean:+.2f} (1 seed)"
+    return f"{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]"
+
+
+def best_single(results: SweepResults, base: str) -> RecipeResult | None:
+    """The single-method baseline with the highest mean last-epoch accuracy."""
+    singles = [r for r in results.of(base, kind="single") if r.final]
+    return max(singles, key=lambda r: mean_std(list(r.final.values()))[0], default=None)
+
+
+def _anchor(results: SweepResults, base: str, kind: str) -> RecipeResult | None:
+    return next((r for r in results.of(base, kind=kind) if r.final and r.same_as is None), None)
+
+
+def comparison_table(results: SweepResults, base: str, group: str) -> str:
+    """A markdown table of one comparison: mean ± std over seeds, paired Δs, best in bold."""
+    joint = _anchor(results, base, "joint")
+    single = best_single(results, base)
+    rows = results.of(base, group)
+    scratch = _anchor(results, base, "scratch")
+    context = [scratch] if scratch is not None and scratch not in rows else []
+    shown = [r for r in context + rows if r.final]
+    columns = {
+        "last": {r.label: mean_std(list(r.final.values()))[0] for r in shown},
+        "best": {r.label: mean_std(list(r.best.values()))[0] for r in shown},
+    }
+
+    def versus(anchor: RecipeResult | None) -> dict[str, PairedDifference | None]:
+        # The anchor's own row (or a row made of its runs) has no difference to show.
+        return {
+            r.label: paired_difference(r.final, anchor.final)
+            if anchor is not None and anchor.label not in (r.label, r.same_as)
+            else None
+            for r in shown
+        }
+
+    diffs = {"joint": versus(joint), "single": versus(single)}
+    for name in ("joint", "single"):
+        columns[name] = {label: d.mean for label, d in diffs[name].items() if d is not None}
+    winners = {name: max(values.values(), default=None) for name, values in columns.items()}
+
+    def cell(name: str, label: str, text: str) -> str:
+        value = columns[name].get(label)
+        return f"**{text}**" if value is not None and value == winners[name] else text
+
+    single_name = single.label if single else "best single"
+    lines = [
+        f"| recipe | stages | seeds | test acc, last epoch | test acc, best epoch "
+        f"| Δ last vs joint [95% CI] | Δ last vs {single_name} [95% CI] | time per run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for teacher in results.teachers():
+        lines.append(
+            f"| teacher {teacher['model']} | labels only | 1 | {teacher['final_acc']:.2f} "
+            "| – | – | – | – |"
+        )
+    for r in shown:
+        seconds = mean_std(list(r.wall_time.values()))[0] if r.wall_time else 0.0
+        name = r.label + (f" (= {r.same_as})" if r.same_as else "")
+        lines.append(
+            f"| {name} | {r.stages} | {r.seeds} "
+            f"| {cell('last', r.label, _mean_std_text(r.final))} "
+            f"| {cell('best', r.label, _mean_std_text(r.best))} "
+            f"| {cell('joint', r.label, _diff_text(diffs['joint'][r.label]))} "
+            f"| {cell('single', r.label, _diff_text(diffs['single'][r.label]))} "
+            f"| {seconds:.0f}s |"
+        )
+    return "\n".join(lines)
+
+
+def findings(results: SweepResults, base: str) -> list[str]:
+    """Plain sentences for the headline comparisons, from the paired 95% CIs."""
+    out = []
+    smskd = _anchor(results, base, "smskd")
+    joint = _anchor(results, base, "joint")
+    single = best_single(results, base)
+    for anchor, name in ((joint, "joint"), (single, single.label if single else "")):
+        if smskd is None or anchor is None:
+            continue
+        diff = paired_difference(smskd.final, anchor.final)
+        if diff is None:
+            continue
+        verdict = {
+            "higher": "SMSKD is better",
+            "lower": "SMSKD is worse",
+            "no clear difference": "no difference is detectable at this number of seeds",
+            "too few seeds to tell": "one seed: too few to tell",
+        }[diff.verdict]
+        out.append(
+            f"SMSKD ({smskd.label}: {smskd.stages}) vs {name}: Δ last-epoch accuracy "
+            f"{_diff_text(diff)} over {diff.pairs} paired seeds — {verdict}."
+        )
+    for group in results.groups(base):
+        if group == "main":
+            continue
+        ranked = sorted(
+            (r for r in results.of(base, group) if r.final),
+            key=lambda r: mean_std(list(r.final.values()))[0],
+            reverse=True,
+        )
+        if len(ranked) >= 2:
+            top, bottom = ranked[0], ranked[-1]
+            diff = paired_difference(top.final, bottom.final)
+            out.append(
+                f"{group}: best {top.label} ({_mean_std_text(top.final)}), worst "
+                f"{bottom.label} ({_mean_std_text(bottom.final)}); best − worst "
+                f"{_diff_text(diff)} — {diff.verdict if diff else 'n/a'}."
+            )
+    return out
+
+
+def write_sweep_report(runs_dir: str | Path, *, plots: bool = True) -> Path:
+    """``RUNS_DIR/report.md`` (and ``RUNS_DIR/plots/*.png``) from a sweep directory."""
+    root = Path(runs_dir)
+    results = load_sweep_results(root)
+    index = results.index
+    body = [f"# smskd sweep: {index.get('sweep', root.name)}", ""]
+    made = _plots(results, root) if plots else {}
+    for base in results.bases():
+        if len(results.bases()) > 1:
+            body += [f"## {base}", ""]
+        for sentence in findings(results, base):
+            body.append(f"- {sentence}")
+        body.append("")
+        for group in results.groups(base):
+            body += [f"### {group}", "", comparison_table(results, base, group), ""]
+        for title, path in made.get(base, []):
+            body += [f"![{title}]({path.relative_to(root).as_posix()})", ""]
+    body += _provenance(results, root)
+    report = root / "report.md"
+    report.write_text("\n".join(body) + "\n")
+    return report
+
+
+REPORT_NOTES = (
+    "Accuracy: top-1 on the whole test split, in percent, mean ± sample std over seeds. "
+    "*Last epoch* is the headline: the student as training left it. *Best epoch* is the "
+    "best of all epochs on the test split itself, so it is optimistic; it is shown because "
+    "papers often report it without saying so.",
+    "Δ: the recipe's last-epoch accuracy minus joint's (or the best single method's), "
+    "paired by seed, with a Student-t 95% confidence interval; an interval that contains "
+    "0 means no difference is detectable at this number of seeds. "
+    "Bold: the best value of each column (the teacher row aside).",
+    "A row marked (= other) is the same config as that recipe (e.g. 3 stages = SMSKD): "
+    "its runs were made once and count for both.",
+)
+
+
+def _provenance(results: SweepResults, root: Path) -> list[str]:
+    index = results.index
+    lines = ["## How these numbers were made", ""]
+    lines += [f"- {note}" for note in REPORT_NOTES]
+    sweep_file = index.get("sweep_file", "?")
+    lines.append(
+        f"- Sweep file: `{sweep_file}` (copied to `sweep.yaml` here); base config(s): "
+        + ", ".join(f"`{b}`" for b in index.get("bases", []))
+        + "; every run's resolved config: `<recipe>/seed-<s>/config.yaml`, its per-epoch "
+        "log `metrics.jsonl` beside it; the sweep's own log: `sweep.log`."
+    )
+    for base, info in index.get("sizes", {}).items():
+        lines.append(f"- Sizes ({base}): {info}")
+    for teacher in index.get("teachers", []):
+        lines.append(
+            f"- Teacher {teacher['model']}: trained once ({teacher.get('epochs')} epochs, "
+            f"`{Path(teacher['dir']).name}`), shared by every run; test acc "
+            f"{teacher.get('final_acc', float('nan')):.2f}%."
+        )
+    commits = index.get("commits") or [index.get("commit", "unknown")]
+    runs = [r for r in results.recipes for _ in r.final]
+    seconds = sum(sum(r.wall_time.values()) for r in results.recipes if r.same_as is None)
+    lines.append(
+        f"- Runs made by smskd commit(s) {', '.join(f'`{c}`' for c in commits)}; "
+        f"{len(runs)} recipe×seed results from "
+        f"{sum(len(r.final) for r in results.recipes if r.same_as is None)} distinct runs, "
+        f"{seconds / 60:.0f} min of student training and evaluation."
+    )
+    lines.append(
+        f"- Report written by commit `{git_commit(Path(__file__).parent)}`, torch "
+        f"{torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores."
+    )
+    return [*lines, ""]
+
+
+def _plots(results: SweepResults, root: Path) -> dict[str, list[tuple[str, Path]]]:
+    from smskd import plots
+
+    try:
+        plots.require_matplotlib()
+    except UserError as err:
+        print(f"smskd report: plots skipped: {err}")
+        return {}
+    made: dict[str, list[tuple[str, Path]]] = {}
+    several = len(results.bases()) > 1
+    for base in results.bases():
+        folder = root / "plots" / (base if several else "")
+        made[base] = plots.sweep_plots(results, base, folder)
+    return made

@@ -24,16 +24,18 @@ runs (``result.json``) and resumes a half-done one from its last checkpoint.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import itertools
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import Field, field_validator
 
@@ -68,7 +70,8 @@ class RecipeEntry(_Strict):
     set: list[str] = Field(default_factory=list)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     method: str | None = None  # single / multi-teacher: this method only
-    teachers: list[TeacherConfig] = Field(default_factory=list)  # multi-teacher: the others
+    # multi-teacher: the other teachers; what they leave out is the base teacher's
+    teachers: list[TeacherConfig] = Field(default_factory=list)
 
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
@@ -130,7 +133,11 @@ class PlannedRun:
         return row
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
+def load_sweep(
+    path: str | Path, overrides: Sequence[str] = (), seeds: Sequence[int] | None = None
+) -> SweepConfig:
+    """Read and validate a sweep file; ``overrides`` join its ``set`` (applied to every
+    run, after the file's own), ``seeds`` replace its seeds."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"sweep file {str(path)!r} does not exist")
@@ -146,7 +153,11 @@ def load_sweep(path: str | Path) -> SweepConfig:
             entry["teachers"] = [
                 {"model": t} if isinstance(t, str) else t for t in entry["teachers"]
             ]
-    return validate(SweepConfig, raw, str(path))
+    sweep = validate(SweepConfig, raw, str(path))
+    update: dict[str, Any] = {"set": [*sweep.set, *overrides]}
+    if seeds is not None:
+        update["seeds"] = list(seeds)
+    return sweep.model_copy(update=update)
 
 
 def _slug(text: str) -> str:
@@ -183,7 +194,6 @@ def plan(sweep: SweepConfig, sweep_path: str | Path, out: str | Path) -> list[Pl
     bases = [_base_raw(sweep_path, base) for base in sweep.bases]
     several = len(bases) > 1
     runs: list[PlannedRun] = []
-    seen: dict[str, str] = {}
     for seed in sweep.seeds:
         for base_name, base_raw in bases:
             for entry in sweep.recipes:
@@ -195,7 +205,7 @@ def plan(sweep: SweepConfig, sweep_path: str | Path, out: str | Path) -> list[Pl
                     try:
                         cfg = load_config(raw, [*overrides, f"seed={seed}"])
                         expanded = expand(
-                            cfg, entry.kind, method=entry.method, teachers=entry.teachers
+                            cfg, entry.kind, method=entry.method, teachers=_others(cfg, entry)
                         )
                     except (UserError, ValueError) as err:
                         raise UserError(f"{where}: {err}") from None
@@ -220,12 +230,14 @@ def plan(sweep: SweepConfig, sweep_path: str | Path, out: str | Path) -> list[Pl
                                 stages=" → ".join(s.label for s in run_cfg.stages),
                                 dir=str(run_dir),
                                 config_sha=sha,
-                                same_as=seen.get(sha),
                                 config=run_cfg,
                             )
                         )
-                        seen.setdefault(sha, str(run_dir))
     labels = [(r.base, r.label, r.seed) for r in runs]
+    first_of: dict[str, str] = {}
+    for run in runs:
+        run.same_as = first_of.get(run.config_sha)
+        first_of.setdefault(run.config_sha, run.dir)
     repeated = next((x for x in labels if labels.count(x) > 1), None)
     if repeated:
         raise UserError(
@@ -233,6 +245,33 @@ def plan(sweep: SweepConfig, sweep_path: str | Path, out: str | Path) -> list[Pl
             "give one of them a 'name:'"
         )
     return runs
+
+
+def _others(cfg: RunConfig, entry: RecipeEntry) -> list[TeacherConfig]:
+    """A multi-teacher entry's teachers, each trained like the base's teacher except in
+    what the entry sets (``{model: resnet8}`` takes its epochs and optimizer), so an
+    override such as ``teacher.epochs=1`` reaches every teacher."""
+    if cfg.teacher is None:
+        return list(entry.teachers)
+    return [
+        cfg.teacher.model_copy(update={key: getattr(t, key) for key in t.model_fields_set})
+        for t in entry.teachers
+    ]
+
+
+def select(runs: list[PlannedRun], only: Sequence[str]) -> set[str]:
+    """Directories to train for the labels matching ``only`` (shell patterns on
+    ``label`` or ``base/label``: ``smskd``, ``order-*``, ``vgg19-resnet18/*``); a run
+    that repeats another's config stands for that one. Empty ``only``: every run."""
+
+    def matches(run: PlannedRun) -> bool:
+        names = (run.label, f"{run.base}/{run.label}")
+        return not only or any(fnmatch.fnmatchcase(n, p) for n in names for p in only)
+
+    chosen = {run.same_as or run.dir for run in runs if matches(run)}
+    if not chosen:
+        raise UserError(f"no run matches --only {' '.join(only)}")
+    return chosen
 
 
 def _teacher_trainer(cfg: RunConfig, teacher: TeacherConfig, seed: int) -> RunConfig:
@@ -259,14 +298,24 @@ class Sweep:
         out: Path,
         *,
         progress: bool = True,
+        only: Sequence[str] = (),
         log: Callable[[str], None] = print,
     ) -> None:
         self.sweep, self.sweep_path, self.out = sweep, sweep_path, out
         self.progress, self.log = progress, log
+        # The index lists the whole plan; `only` narrows what this call trains.
         self.runs = plan(sweep, sweep_path, out)
+        self.selected = select(self.runs, only)
         self.teachers: dict[str, dict[str, Any]] = {}
         self.started = time.time()
         self.commit = git_commit(Path(__file__).parent)  # once: the code that ran
+        # Every commit that made a run of this sweep: earlier invocations' too.
+        self.commits: list[str] = []
+        previous = out / INDEX
+        if previous.is_file():
+            old = json.loads(previous.read_text())
+            self.commits = old.get("commits") or ([old["commit"]] if "commit" in old else [])
+        self.sizes: dict[str, str] = {}
 
     def _teacher(self, cfg: RunConfig, teacher: TeacherConfig) -> TeacherConfig:
         from smskd.experiment import TEACHER_WEIGHTS, train_teacher
@@ -303,7 +352,8 @@ class Sweep:
             "sweep_file": str(self.sweep_path),
             "bases": self.sweep.bases,
             "seeds": self.sweep.seeds,
-            "commit": self.commit,
+            "commits": self.commits,
+            "sizes": self.sizes,
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
             "teachers": list(self.teachers.values()),
             "runs": [run.record() for run in self.runs],
@@ -315,22 +365,25 @@ class Sweep:
 
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "sweep.yaml", self.sweep_path.read_text(encoding="utf-8"))
-        todo = [r for r in self.runs if r.same_as is None]
+        distinct = [r for r in self.runs if r.same_as is None]
+        for run in distinct:
+            if (Path(run.dir) / RESULT).exists():
+                run.__dict__.update(json.loads((Path(run.dir) / RESULT).read_text()))
+                run.status = "done"
+        todo = [r for r in distinct if r.dir in self.selected and r.status != "done"]
         self.log(
-            f"sweep {self.sweep.name}: {len(self.runs)} runs ({len(todo)} distinct configs) "
-            f"into {self.out}"
+            f"sweep {self.sweep.name}: {len(self.runs)} runs, {len(distinct)} distinct configs, "
+            f"{len(todo)} to train, into {self.out}"
         )
-        by_dir = {r.dir: r for r in todo}
         # Teachers first, each once: every run after this only loads them.
         configs = {r.dir: self._with_teachers(r.config) for r in todo if r.config is not None}
+        for base in dict.fromkeys(r.base for r in todo):
+            self.sizes[base] = describe_sizes([configs[r.dir] for r in todo if r.base == base])
         for position, run in enumerate(todo, 1):
-            result_path = Path(run.dir) / RESULT
             tag = f"[{position}/{len(todo)}] {run.label} seed {run.seed}"
-            if result_path.exists():
-                run.__dict__.update(json.loads(result_path.read_text()))
-                run.status = "done"
-                continue
             cfg = configs[run.dir]
+            if self.commit not in self.commits:
+                self.commits.append(self.commit)
             started = time.perf_counter()
             try:
                 result = distill(cfg, run.dir, resume=True, progress=self.progress, name=run.label)
@@ -344,15 +397,15 @@ class Sweep:
                 "best_acc": result.best_accuracy,
                 "wall_time": time.perf_counter() - started,
             }
-            atomic_write_text(result_path, json.dumps(outcome) + "\n")
+            atomic_write_text(Path(run.dir) / RESULT, json.dumps(outcome) + "\n")
             run.__dict__.update(outcome)
             run.status = "done"
-            left = sum(1 for r in todo[position:] if not (Path(r.dir) / RESULT).exists())
             self.log(
                 f"{tag}: {run.final_acc:.2f}% last epoch, {run.best_acc:.2f}% best, "
-                f"{outcome['wall_time']:.0f}s; {left} to go"
+                f"{outcome['wall_time']:.0f}s; {len(todo) - position} to go"
             )
             self._write_index()
+        by_dir = {r.dir: r for r in distinct}
         for run in self.runs:
             if run.same_as is not None:
                 first = by_dir[run.same_as]
@@ -372,16 +425,43 @@ class Sweep:
         return self.runs
 
 
+def describe_sizes(configs: list[RunConfig]) -> str:
+    """Data, models and budget of a base's runs, in words, for the report."""
+    from smskd.experiment import make_model, prepare_data
+    from smskd.models.registry import parameter_count
+
+    cfg = max(configs, key=lambda c: len(c.stages))  # the SMSKD run: its stage split
+    data = prepare_data(cfg.data, cfg.seed, torch.device("cpu"))
+    test = len(data.test.labels) if hasattr(data.test, "labels") else "all"
+    student = make_model(cfg.student.model, data)
+    models = [f"student {cfg.student.model.label} ({parameter_count(student):,} parameters)"]
+    teachers = {t.model.label: t.model for c in configs for t in c.all_teachers}
+    models += [
+        f"teacher {name} ({parameter_count(make_model(spec, data)):,})"
+        for name, spec in teachers.items()
+    ]
+    return (
+        f"{cfg.data.name}, {data.num_train} training images, {test} test images, batch "
+        f"{cfg.data.batch_size}; {', '.join(models)}; {cfg.total_epochs} student epochs "
+        f"per recipe ({' + '.join(str(s.epochs) for s in cfg.stages)} in SMSKD)"
+    )
+
+
 def run_sweep(
     sweep_file: str | Path,
     out_dir: str | Path,
     *,
+    overrides: Sequence[str] = (),
+    seeds: Sequence[int] | None = None,
+    only: Sequence[str] = (),
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[PlannedRun]:
-    """Run every run of ``sweep_file`` into ``out_dir`` (finished ones are skipped)."""
+    """Run every run of ``sweep_file`` into ``out_dir`` (finished ones are skipped);
+    ``only`` keeps the runs whose label matches one of its patterns (see :func:`plan`)."""
     path = Path(sweep_file)
-    return Sweep(load_sweep(path), path, Path(out_dir), progress=progress, log=log).execute()
+    sweep = load_sweep(path, overrides, seeds)
+    return Sweep(sweep, path, Path(out_dir), progress=progress, only=only, log=log).execute()
 
 
 __all__ = ["RECIPES", "PlannedRun", "SweepConfig", "load_sweep", "plan", "run_sweep"]

@@ -1,0 +1,151 @@
+"""``smskd report`` on a fabricated sweep directory: numbers checked by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from smskd.cli import main
+from smskd.report import load_sweep_results, write_sweep_report
+
+# Last-epoch accuracies per seed; each run has 4 epochs whose best is the value + 1
+# in epoch 3 (so best-epoch ≠ last-epoch, and the table must tell them apart).
+FINAL = {
+    "scratch": {0: 70.0, 1: 71.0, 2: 72.0},
+    "single-kd": {0: 80.0, 1: 81.0, 2: 79.0},
+    "single-fitnets": {0: 75.0, 1: 75.0, 2: 75.0},
+    "joint": {0: 80.0, 1: 82.0, 2: 84.0},
+    "smskd": {0: 81.0, 1: 84.0, 2: 84.0},
+    "ref-none": {0: 79.0, 1: 80.0},  # seed 2 never finished (below)
+}
+KINDS = {"scratch": "scratch", "joint": "joint", "smskd": "smskd", "ref-none": "smskd"}
+HIST = [0.5, 0.25, 0.25, 0.0]
+
+
+def fabricate(root: Path) -> None:
+    runs = []
+    for label, finals in FINAL.items():
+        three_stages = KINDS.get(label) == "smskd"
+        for seed in (0, 1, 2):
+            run_dir = root / label / f"seed-{seed}"
+            runs.append(
+                {
+                    "label": label,
+                    "kind": KINDS.get(label, "single"),
+                    "group": "reference" if label == "ref-none" else "main",
+                    "seed": seed,
+                    "base": "fake",
+                    "stages": "kd → fitnets" if three_stages else label,
+                    "dir": str(run_dir),
+                    "same_as": None,
+                    "status": "done" if seed in finals else "pending",
+                }
+            )
+            run_dir.mkdir(parents=True)
+            if seed not in finals:  # a half-done run: metrics, but no result.json
+                (run_dir / "metrics.jsonl").write_text(json.dumps({"test_acc": 99.0}) + "\n")
+                continue
+            final = finals[seed]
+            records = []
+            for epoch, acc in enumerate([final - 5, final - 1, final + 1, final], 1):
+                stage = 1 if not three_stages or epoch <= 2 else 2
+                record = {"stage": stage, "global_epoch": epoch, "test_acc": acc,
+                          "epoch_time": 2.5}  # fmt: skip
+                if stage == 2:
+                    record["train_ref_weight_hist"] = HIST
+                records.append(record)
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (run_dir / "result.json").write_text("{}")
+    # stages-2 is the same config as smskd: it points at smskd's runs.
+    for seed in (0, 1, 2):
+        runs.append({**runs[12 + seed], "label": "stages-2", "group": "stages",
+                     "same_as": runs[12 + seed]["dir"]})  # fmt: skip
+    index = {
+        "sweep": "fabricated",
+        "sweep_file": "configs/sweeps/fake.yaml",
+        "bases": ["../fake.yaml"],
+        "commits": ["abc1234"],
+        "teachers": [{"model": "resnet20", "dir": "t", "epochs": 15, "final_acc": 90.0}],
+        "sizes": {"fake": "fashion-mnist, 8000 training images"},
+        "runs": runs,
+    }
+    (root / "index.json").write_text(json.dumps(index))
+
+
+def table_rows(report: str, heading: str) -> dict[str, list[str]]:
+    section = report.split(f"### {heading}\n\n", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in section.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+    fabricate(tmp_path / "sweep")
+    return tmp_path / "sweep"
+
+
+def test_aggregation_by_hand(sweep_dir: Path) -> None:
+    results = load_sweep_results(sweep_dir)
+    by = {r.label: r for r in results.recipes}
+    assert by["smskd"].final == FINAL["smskd"]
+    assert by["smskd"].best == {s: v + 1 for s, v in FINAL["smskd"].items()}
+    assert by["ref-none"].seeds == 2  # the unfinished seed is not counted
+    assert by["stages-2"].final == FINAL["smskd"] and by["stages-2"].same_as == "smskd"
+
+    report = write_sweep_report(sweep_dir, plots=False).read_text()
+    main = table_rows(report, "main")
+    # smskd: 81, 84, 84 → mean 83, sample std √3 = 1.73; best epoch +1: 84 ± 1.73.
+    assert main["smskd"][:4] == ["kd → fitnets", "3", "**83.00 ± 1.73**", "**84.00 ± 1.73**"]
+    # vs joint 80, 82, 84: differences 1, 2, 0 → +1 ± t(0.975, 2)·1/√3 = ±2.48.
+    assert main["smskd"][4] == "**+1.00 [-1.48, +3.48]**"  # the best Δ of the column
+    # The best single is single-kd (mean 80): differences 1, 3, 5 → +3 ± 4.303·2/√3 = ±4.97.
+    half = 4.302653 * 2 / math.sqrt(3)
+    assert main["smskd"][5] == f"**+3.00 [{3 - half:+.2f}, {3 + half:+.2f}]**"
+    assert "Δ last vs single-kd" in report
+    assert main["joint"][4] == "–" and main["single-kd"][5] == "–"  # no Δ to itself
+    assert main["single-fitnets"][2] == "75.00 ± 0.00"
+    assert main["teacher resnet20"][:3] == ["labels only", "1", "90.00"]
+    assert main["scratch"][2] == "71.00 ± 1.00"
+    assert main["smskd"][6] == "10s"  # 4 epochs × 2.5 s
+    reference = table_rows(report, "reference")
+    assert set(reference) == {"teacher resnet20", "scratch", "ref-none"}  # context rows
+    assert reference["ref-none"][1:3] == ["2", "**79.50 ± 0.71**"]  # beats scratch here
+    # ref-none vs joint over seeds 0, 1: differences -1, -2 → -1.5 ± 12.706·0.7071/√2.
+    assert reference["ref-none"][4] == "**-1.50 [-7.85, +4.85]**"
+    assert "stages-2 (= smskd)" in table_rows(report, "stages")
+    # Headline sentences say what was measured, including a non-win.
+    headline = "vs joint: Δ last-epoch accuracy +1.00 [-1.48, +3.48] over 3 paired seeds — no "
+    assert headline in report
+    assert "commit(s) `abc1234`" in report and "configs/sweeps/fake.yaml" in report
+    assert "*Best epoch*" in report and "optimistic" in report
+
+
+def test_plots_are_written_and_not_blank(sweep_dir: Path) -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")
+    report = write_sweep_report(sweep_dir).read_text()
+    for name in ("curves", "final", "ablations", "weights"):
+        path = sweep_dir / "plots" / f"{name}.png"
+        assert f"](plots/{name}.png)" in report
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+        pixels = plt.imread(path)
+        assert pixels.std() > 0.05  # drawn on, not a blank canvas
+
+
+def test_weight_distribution_is_the_mean_histogram_per_stage(sweep_dir: Path) -> None:
+    from smskd.plots import stage_boundaries, weight_distributions
+
+    results = load_sweep_results(sweep_dir)
+    smskd = next(r for r in results.recipes if r.label == "smskd")
+    assert weight_distributions(smskd) == {2: HIST}
+    assert stage_boundaries(smskd.curves[0]) == [2.5]
+
+
+def test_report_cli_on_a_directory_without_index(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no index.json" in capsys.readouterr().err
