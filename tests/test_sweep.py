@@ -195,8 +195,9 @@ def test_sweep_cli_dry_run_lists_runs_and_bad_files_exit_2(tmp_path: Path, capsy
 
 def test_cifar100_sweep_runs_a_few_steps_on_fabricated_pickles(tmp_path: Path) -> None:
     """The CIFAR-100 sweep file: all 162 runs plan and validate; on fabricated pickles,
-    every recipe of the cheapest pair, and the multi-teacher and joint runs of the two
-    others (their single-config recipes are test_recipes_smoke's), train a few steps."""
+    every recipe of the cheapest pair and the multi-teacher runs (new teacher
+    combinations) of the two others train a few steps. Their other recipes reuse the
+    pairs' stages, which test_recipes_smoke runs."""
     sweep = ROOT / "configs" / "sweeps" / "cifar100.yaml"
     runs = plan(load_sweep(sweep), sweep, tmp_path / "planned")
     assert len(runs) == 3 * 3 * 23 and sum(r.same_as is None for r in runs) == 3 * 3 * 18
@@ -210,8 +211,11 @@ def test_cifar100_sweep_runs_a_few_steps_on_fabricated_pickles(tmp_path: Path) -
         "data.batch_size=8",
         "data.eval_batch_size=16",
         f"data.root={data}",
+        # Noise images and a one-epoch teacher make FitNets' β = 100 diverge within
+        # joint's three epochs at lr 0.01; this checks that each run trains, not its numbers.
+        "stages.*.optimizer.lr=0.001",
     ]
-    only = ["resnet50-mobilenetv2/*", "*/multi-teacher", "*/joint"]
+    only = ["resnet50-mobilenetv2/*", "*/multi-teacher"]
     done = run_sweep(sweep, tmp_path / "out", overrides=tiny, seeds=[0], only=only,
                      progress=False, log=lambda _m: None)  # fmt: skip
     trained = {(r.base, r.label) for r in done if r.status == "done"}
