@@ -30,6 +30,7 @@ import itertools
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -192,57 +193,69 @@ def plan(sweep: SweepConfig, sweep_path: str | Path, out: str | Path) -> list[Pl
     still has a complete table), each config validated before anything trains."""
     sweep_path, out = Path(sweep_path), Path(out)
     bases = [_base_raw(sweep_path, base) for base in sweep.bases]
-    several = len(bases) > 1
-    runs: list[PlannedRun] = []
-    for seed in sweep.seeds:
-        for base_name, base_raw in bases:
-            for entry in sweep.recipes:
-                for point in _grid_points({**sweep.grid, **entry.grid}):
-                    overrides = [*sweep.set, *entry.set]
-                    overrides += [_override_text(k, v) for k, v in point.items()]
-                    raw = copy.deepcopy(base_raw)
-                    where = f"{sweep_path}: recipe {entry.name or entry.kind!r} on {base_name}"
-                    try:
-                        cfg = load_config(raw, [*overrides, f"seed={seed}"])
-                        expanded = expand(
-                            cfg, entry.kind, method=entry.method, teachers=_others(cfg, entry)
-                        )
-                    except (UserError, ValueError) as err:
-                        raise UserError(f"{where}: {err}") from None
-                    for label, run_cfg in expanded:
-                        if entry.name:
-                            label = entry.name if len(expanded) == 1 else f"{entry.name}-{label}"
-                        if point:
-                            label = f"{label}({_point_label(point)})"
-                        # Recipes copy configs without validation: validate the result.
-                        run_cfg = validate(RunConfig, run_cfg.model_dump(mode="json"), where)
-                        text = run_cfg.to_yaml()
-                        sha = hashlib.sha256(f"{base_name}\n{text}".encode()).hexdigest()[:12]
-                        parts = [base_name] if several else []
-                        run_dir = out.joinpath(*parts, _slug(label), f"seed-{seed}")
-                        runs.append(
-                            PlannedRun(
-                                label=label,
-                                kind=entry.kind,
-                                group=entry.group or DEFAULT_GROUPS.get(entry.kind, "main"),
-                                seed=seed,
-                                base=base_name,
-                                stages=" → ".join(s.label for s in run_cfg.stages),
-                                dir=str(run_dir),
-                                config_sha=sha,
-                                config=run_cfg,
-                            )
-                        )
-    labels = [(r.base, r.label, r.seed) for r in runs]
+    root = out if len(bases) == 1 else None
+    runs = [
+        run
+        for seed in sweep.seeds
+        for base_name, base_raw in bases
+        for entry in sweep.recipes
+        for point in _grid_points({**sweep.grid, **entry.grid})
+        for run in _entry_runs(
+            sweep, sweep_path, root or out / base_name, base_name, base_raw, entry, point, seed
+        )
+    ]
+    repeated = [key for key, n in Counter((r.base, r.label, r.seed) for r in runs).items() if n > 1]
+    if repeated:
+        raise UserError(
+            f"{sweep_path}: two recipes give runs labelled {repeated[0][1]!r}; "
+            "give one of them a 'name:'"
+        )
     first_of: dict[str, str] = {}
     for run in runs:
         run.same_as = first_of.get(run.config_sha)
         first_of.setdefault(run.config_sha, run.dir)
-    repeated = next((x for x in labels if labels.count(x) > 1), None)
-    if repeated:
-        raise UserError(
-            f"{sweep_path}: two recipes give runs labelled {repeated[1]!r}; "
-            "give one of them a 'name:'"
+    return runs
+
+
+def _entry_runs(
+    sweep: SweepConfig,
+    sweep_path: Path,
+    out: Path,
+    base_name: str,
+    base_raw: dict[str, Any],
+    entry: RecipeEntry,
+    point: dict[str, Any],
+    seed: int,
+) -> list[PlannedRun]:
+    """The runs of one recipe entry at one grid point and seed, on one base."""
+    overrides = [*sweep.set, *entry.set, *(_override_text(k, v) for k, v in point.items())]
+    where = f"{sweep_path}: recipe {entry.name or entry.kind!r} on {base_name}"
+    try:
+        cfg = load_config(copy.deepcopy(base_raw), [*overrides, f"seed={seed}"])
+        expanded = expand(cfg, entry.kind, method=entry.method, teachers=_others(cfg, entry))
+    except (UserError, ValueError) as err:
+        raise UserError(f"{where}: {err}") from None
+    runs = []
+    for label, run_cfg in expanded:
+        if entry.name:
+            label = entry.name if len(expanded) == 1 else f"{entry.name}-{label}"
+        if point:
+            label = f"{label}({_point_label(point)})"
+        # Recipes copy configs without validation: validate the result.
+        run_cfg = validate(RunConfig, run_cfg.model_dump(mode="json"), where)
+        text = f"{base_name}\n{run_cfg.to_yaml()}"
+        runs.append(
+            PlannedRun(
+                label=label,
+                kind=entry.kind,
+                group=entry.group or DEFAULT_GROUPS.get(entry.kind, "main"),
+                seed=seed,
+                base=base_name,
+                stages=" → ".join(s.label for s in run_cfg.stages),
+                dir=str(out / _slug(label) / f"seed-{seed}"),
+                config_sha=hashlib.sha256(text.encode()).hexdigest()[:12],
+                config=run_cfg,
+            )
         )
     return runs
 
