@@ -118,6 +118,10 @@ def test_aggregation_by_hand(sweep_dir: Path) -> None:
     assert reference["ref-none"][1:3] == ["2", "**79.50 ± 0.71**"]  # beats scratch here
     # ref-none vs joint over seeds 0, 1: differences -1, -2 → -1.5 ± 12.706·0.7071/√2.
     assert reference["ref-none"][4] == "**-1.50 [-7.85, +4.85]**"
+    # Ablation tables also compare with the default SMSKD run: -2, -4 → -3 ± 12.706·√2/√2.
+    assert "Δ last vs smskd [95% CI]" in report.split("### reference")[1].split("\n\n")[1]
+    assert reference["ref-none"][6] == "**-3.00 [-15.71, +9.71]**"
+    assert reference["teacher resnet20"][-4:] == ["–", "–", "–", "–"]
     assert "stages-2 (= smskd)" in table_rows(report, "stages")
     # Headline sentences say what was measured, including a non-win.
     headline = "vs joint: Δ last-epoch accuracy +1.00 [-1.48, +3.48] over 3 paired seeds — no "

@@ -204,66 +204,78 @@ def _diff_text(diff: PairedDifference | None) -> str:
 def best_single(results: SweepResults, base: str) -> RecipeResult | None:
     """The single-method baseline with the highest mean last-epoch accuracy."""
     singles = [r for r in results.of(base, kind="single") if r.final]
-    return max(singles, key=lambda r: mean_std(list(r.final.values()))[0], default=None)
+    return max(singles, key=lambda r: _mean(r.final), default=None)
 
 
 def _anchor(results: SweepResults, base: str, kind: str) -> RecipeResult | None:
     return next((r for r in results.of(base, kind=kind) if r.final and r.same_as is None), None)
 
 
+def _mean(values: dict[int, float]) -> float:
+    return mean_std(list(values.values()))[0]
+
+
 def comparison_table(results: SweepResults, base: str, group: str) -> str:
-    """A markdown table of one comparison: mean ± std over seeds, paired Δs, best in bold."""
-    joint = _anchor(results, base, "joint")
+    """A markdown table of one comparison: mean ± std over seeds, and each recipe's
+    paired Δ to joint, to the best single method and, in an ablation group, to the
+    default SMSKD run; the best of each column in bold."""
     single = best_single(results, base)
+    anchors = [("joint", _anchor(results, base, "joint")), ("single", single)]
+    if group != "main":
+        anchors.append(("smskd", _anchor(results, base, "smskd")))
+    anchors = [(key, anchor) for key, anchor in anchors if anchor is not None]
     rows = results.of(base, group)
     scratch = _anchor(results, base, "scratch")
     context = [scratch] if scratch is not None and scratch not in rows else []
     shown = [r for r in context + rows if r.final]
-    columns = {
-        "last": {r.label: mean_std(list(r.final.values()))[0] for r in shown},
-        "best": {r.label: mean_std(list(r.best.values()))[0] for r in shown},
-    }
 
-    def versus(anchor: RecipeResult | None) -> dict[str, PairedDifference | None]:
+    def versus(anchor: RecipeResult, r: RecipeResult) -> PairedDifference | None:
         # The anchor's own row (or a row made of its runs) has no difference to show.
-        return {
-            r.label: paired_difference(r.final, anchor.final)
-            if anchor is not None and anchor.label not in (r.label, r.same_as)
-            else None
-            for r in shown
-        }
+        if anchor.label in (r.label, r.same_as):
+            return None
+        return paired_difference(r.final, anchor.final)
 
-    diffs = {"joint": versus(joint), "single": versus(single)}
-    for name in ("joint", "single"):
-        columns[name] = {label: d.mean for label, d in diffs[name].items() if d is not None}
+    diffs = {key: {r.label: versus(anchor, r) for r in shown} for key, anchor in anchors}
+    columns = {
+        "last": {r.label: _mean(r.final) for r in shown},
+        "best": {r.label: _mean(r.best) for r in shown},
+        **{
+            key: {label: d.mean for label, d in by_label.items() if d is not None}
+            for key, by_label in diffs.items()
+        },
+    }
     winners = {name: max(values.values(), default=None) for name, values in columns.items()}
 
     def cell(name: str, label: str, text: str) -> str:
         value = columns[name].get(label)
         return f"**{text}**" if value is not None and value == winners[name] else text
 
-    single_name = single.label if single else "best single"
+    headers = [f"Δ last vs {anchor.label} [95% CI]" for _, anchor in anchors]
     lines = [
-        f"| recipe | stages | seeds | test acc, last epoch | test acc, best epoch "
-        f"| Δ last vs joint [95% CI] | Δ last vs {single_name} [95% CI] | time per run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| recipe | stages | seeds | test acc, last epoch | test acc, best epoch | "
+        + " | ".join(headers)
+        + " | time per run |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(anchors) + "---:|",
     ]
+    dashes = " | ".join("–" for _ in anchors)
     for teacher in results.teachers():
         lines.append(
             f"| teacher {teacher['model']} | labels only | 1 | {teacher['final_acc']:.2f} "
-            "| – | – | – | – |"
+            f"| – | {dashes} | – |"
         )
     for r in shown:
-        seconds = mean_std(list(r.wall_time.values()))[0] if r.wall_time else 0.0
+        seconds = _mean(r.wall_time) if r.wall_time else 0.0
         name = r.label + (f" (= {r.same_as})" if r.same_as else "")
-        lines.append(
-            f"| {name} | {r.stages} | {r.seeds} "
-            f"| {cell('last', r.label, _mean_std_text(r.final))} "
-            f"| {cell('best', r.label, _mean_std_text(r.best))} "
-            f"| {cell('joint', r.label, _diff_text(diffs['joint'][r.label]))} "
-            f"| {cell('single', r.label, _diff_text(diffs['single'][r.label]))} "
-            f"| {seconds:.0f}s |"
-        )
+        cells = [
+            name,
+            r.stages,
+            str(r.seeds),
+            cell("last", r.label, _mean_std_text(r.final)),
+            cell("best", r.label, _mean_std_text(r.best)),
+            *(cell(key, r.label, _diff_text(diffs[key][r.label])) for key, _ in anchors),
+            f"{seconds:.0f}s",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -294,7 +306,7 @@ def findings(results: SweepResults, base: str) -> list[str]:
             continue
         ranked = sorted(
             (r for r in results.of(base, group) if r.final),
-            key=lambda r: mean_std(list(r.final.values()))[0],
+            key=lambda r: _mean(r.final),
             reverse=True,
         )
         if len(ranked) >= 2:
@@ -336,9 +348,10 @@ REPORT_NOTES = (
     "*Last epoch* is the headline: the student as training left it. *Best epoch* is the "
     "best of all epochs on the test split itself, so it is optimistic; it is shown because "
     "papers often report it without saying so.",
-    "Δ: the recipe's last-epoch accuracy minus joint's (or the best single method's), "
-    "paired by seed, with a Student-t 95% confidence interval; an interval that contains "
-    "0 means no difference is detectable at this number of seeds. "
+    "Δ: the recipe's last-epoch accuracy minus joint's (or the best single method's, or "
+    "in an ablation table the default SMSKD run's), paired by seed, with a Student-t 95% "
+    "confidence interval; an interval that contains 0 means no difference is detectable "
+    "at this number of seeds. "
     "Bold: the best value of each column (the teacher row aside).",
     "A row marked (= other) is the same config as that recipe (e.g. 3 stages = SMSKD): "
     "its runs were made once and count for both.",
