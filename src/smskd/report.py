@@ -190,7 +190,7 @@ def _mean_std_text(values: dict[int, float]) -> str:
     if not values:
         return "–"
     mean, std = mean_std(list(values.values()))
-    return f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"  # no spread of one
 
 
 def _diff_text(diff: PairedDifference | None) -> str:

@@ -392,6 +392,7 @@ class Sweep:
         configs = {r.dir: self._with_teachers(r.config) for r in todo if r.config is not None}
         for base in dict.fromkeys(r.base for r in todo):
             self.sizes[base] = describe_sizes([configs[r.dir] for r in todo if r.base == base])
+        spent: list[float] = []  # seconds per run trained by this call, for the ETA
         for position, run in enumerate(todo, 1):
             tag = f"[{position}/{len(todo)}] {run.label} seed {run.seed}"
             cfg = configs[run.dir]
@@ -413,9 +414,12 @@ class Sweep:
             atomic_write_text(Path(run.dir) / RESULT, json.dumps(outcome) + "\n")
             run.__dict__.update(outcome)
             run.status = "done"
+            spent.append(outcome["wall_time"])
+            left = len(todo) - position
+            eta = f", about {_duration(sum(spent) / len(spent) * left)} left" if left else ""
             self.log(
                 f"{tag}: {run.final_acc:.2f}% last epoch, {run.best_acc:.2f}% best, "
-                f"{outcome['wall_time']:.0f}s; {len(todo) - position} to go"
+                f"{outcome['wall_time']:.0f}s; {left} to go{eta}"
             )
             self._write_index()
         by_dir = {r.dir: r for r in distinct}
@@ -436,6 +440,11 @@ class Sweep:
                 f"{failed[0].seed}: {failed[0].error}); see {self.out / INDEX}"
             )
         return self.runs
+
+
+def _duration(seconds: float) -> str:
+    minutes = max(1, round(seconds / 60))
+    return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes} min"
 
 
 def describe_sizes(configs: list[RunConfig]) -> str:
