@@ -226,3 +226,14 @@ def test_cifar100_sweep_runs_a_few_steps_on_fabricated_pickles(tmp_path: Path) -
     assert all(r.status == "pending" for r in done if (r.base, r.label) not in trained)
     multi = next(r for r in done if r.label == "multi-teacher")
     assert [t.model.name for t in multi.config.all_teachers] == ["resnet50", "resnet32x4", "vgg13"]
+
+
+def test_a_finished_run_of_a_changed_config_is_not_reused(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, recipes=["joint"])
+    out = tmp_path / "out"
+    assert [r.status for r in run_sweep(path, out, progress=False, log=lambda _m: None)] == [
+        "done"
+    ]
+    changed = write_sweep(tmp_path, recipes=["joint"], set=[*TINY, "data.batch_size=32"])
+    with pytest.raises(UserError, match="holds a finished run of another config than 'joint'"):
+        run_sweep(changed, out, progress=False, log=lambda _m: None)

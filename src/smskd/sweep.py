@@ -381,6 +381,7 @@ class Sweep:
         distinct = [r for r in self.runs if r.same_as is None]
         for run in distinct:
             if (Path(run.dir) / RESULT).exists():
+                _check_same_config(run)
                 run.__dict__.update(json.loads((Path(run.dir) / RESULT).read_text()))
                 run.status = "done"
         todo = [r for r in distinct if r.dir in self.selected and r.status != "done"]
@@ -440,6 +441,27 @@ class Sweep:
                 f"{failed[0].seed}: {failed[0].error}); see {self.out / INDEX}"
             )
         return self.runs
+
+
+def _check_same_config(run: PlannedRun) -> None:
+    """A finished run is reused only if it ran the config planned now: a changed sweep
+    or base file must not mix old and new results in one report."""
+    saved = load_config(Path(run.dir) / "config.yaml")
+    assert run.config is not None
+    planned = run.config.all_teachers
+    # The sweep fills in the shared teachers' weights; the plan has them still empty.
+    teachers = [
+        t.model_copy(update={"checkpoint": None}) if p.checkpoint is None else t
+        for t, p in zip(saved.all_teachers, planned, strict=False)
+    ]
+    if teachers:
+        saved = saved.model_copy(update={"teacher": teachers[0], "extra_teachers": teachers[1:]})
+    if saved.to_yaml() != run.config.to_yaml():
+        raise UserError(
+            f"{run.dir} holds a finished run of another config than {run.label!r} has now "
+            "(the sweep file or its base config changed); delete that directory to rerun "
+            "it, or sweep into another --out"
+        )
 
 
 def _duration(seconds: float) -> str:
