@@ -61,7 +61,10 @@ def _curves(plt: Any, results: SweepResults, base: str, path: Path) -> None:
         if not recipe.curves:
             continue
         epochs, mean, std = _mean_curve(recipe)
-        (line,) = ax.plot(epochs, mean, marker=".", label=f"{recipe.label} ({recipe.stages})")
+        name = (
+            recipe.label if recipe.stages == recipe.label else f"{recipe.label} ({recipe.stages})"
+        )
+        (line,) = ax.plot(epochs, mean, marker=".", label=name)
         low = [m - s for m, s in zip(mean, std, strict=True)]
         high = [m + s for m, s in zip(mean, std, strict=True)]
         ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
@@ -136,8 +139,21 @@ def weight_distributions(recipe: RecipeResult) -> dict[int, list[float]]:
     return {stage: [v / counts[stage] for v in hist] for stage, hist in sorted(sums.items())}
 
 
+def _alike(results: SweepResults, base: str) -> list[tuple[RecipeResult, int]]:
+    """Recipes with a reference, one per distinct weight distribution (orders and λ
+    values share one: w/λ depends on the teacher alone), with how many it stands for."""
+    panels: dict[tuple, list[RecipeResult]] = {}
+    for recipe in results.of(base):
+        hists = weight_distributions(recipe) if recipe.same_as is None else {}
+        if hists:
+            key = tuple((stage, tuple(round(v, 2) for v in h)) for stage, h in hists.items())
+            panels.setdefault(key, []).append(recipe)
+    return [(group[0], len(group) - 1) for group in panels.values()]
+
+
 def _weights(plt: Any, results: SweepResults, base: str, path: Path) -> bool:
-    recipes = [r for r in results.of(base) if r.same_as is None and weight_distributions(r)]
+    panels = _alike(results, base)
+    recipes = [recipe for recipe, _ in panels]
     if not recipes:
         return False
     columns = min(len(recipes), 4)
@@ -147,12 +163,12 @@ def _weights(plt: Any, results: SweepResults, base: str, path: Path) -> bool:
     )
     for ax in axes.flat[len(recipes) :]:
         ax.set_visible(False)
-    for ax, recipe in zip(axes.flat, recipes, strict=False):
+    for ax, (recipe, more) in zip(axes.flat, panels, strict=False):
         for stage, hist in weight_distributions(recipe).items():
             width = 1.0 / len(hist)
             centres = [(i + 0.5) * width for i in range(len(hist))]
             ax.step(centres, hist, where="mid", label=f"stage {stage}")
-        ax.set_title(recipe.label, fontsize=9)
+        ax.set_title(recipe.label + (f" (and {more} alike)" if more else ""), fontsize=9)
         ax.set_xlabel("w_i / λ")
         ax.set_yscale("log")
         ax.legend(fontsize=7)

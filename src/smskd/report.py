@@ -312,10 +312,25 @@ def findings(results: SweepResults, base: str) -> list[str]:
         if len(ranked) >= 2:
             top, bottom = ranked[0], ranked[-1]
             diff = paired_difference(top.final, bottom.final)
+            verdict = {"higher": "a clear difference", "lower": "a clear difference"}.get(
+                diff.verdict if diff else "", diff.verdict if diff else "no common seed"
+            )
             out.append(
                 f"{group}: best {top.label} ({_mean_std_text(top.final)}), worst "
                 f"{bottom.label} ({_mean_std_text(bottom.final)}); best − worst "
-                f"{_diff_text(diff)} — {diff.verdict if diff else 'n/a'}."
+                f"{_diff_text(diff)} — {verdict}."
+            )
+    if smskd is not None:
+        weights = [
+            r["train_ref_weight_mean"]
+            for records in smskd.curves.values()
+            for r in records
+            if "train_ref_weight_mean" in r
+        ]
+        if weights:
+            out.append(
+                f"SMSKD's reference weight w_i averaged {sum(weights) / len(weights):.3f} over "
+                "its training samples and reference stages (see the weight distributions)."
             )
     return out
 
