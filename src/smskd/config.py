@@ -307,23 +307,29 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] = ()) 
     if isinstance(source, dict):
         raw, where = source, "config"
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise UserError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError) as err:
-            raise UserError(f"{path}: cannot read it as UTF-8 text ({err})") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"{path}: not valid YAML{at}: {getattr(err, 'problem', err)}") from None
-        where = str(path)
-    if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected a mapping of keys (seed, data, stages, ...) at the top")
+        raw = read_yaml_mapping(source, "config file", "seed, data, stages, ...")
+        where = str(source)
     for override in overrides:
         apply_override(raw, override)
     return validate(RunConfig, raw, where)
+
+
+def read_yaml_mapping(source: str | Path, what: str, keys: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; every failure is one UserError line."""
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, OSError) as err:
+        raise UserError(f"{path}: cannot read it as UTF-8 text ({err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of keys ({keys}) at the top")
+    return raw
 
 
 def validate(model: type[BaseModel], raw: Any, where: str = "config") -> Any:

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import Field, field_validator
 
 from smskd.checkpoint import atomic_write_text
@@ -48,6 +47,7 @@ from smskd.config import (
     TeacherConfig,
     _Strict,
     load_config,
+    read_yaml_mapping,
     validate,
 )
 from smskd.errors import UserError
@@ -65,7 +65,7 @@ DEFAULT_GROUPS = {"stages": "stages", "orders": "orders"}
 class RecipeEntry(_Strict):
     """One line of ``recipes:``: a kind, and what sets its runs apart."""
 
-    kind: Literal["scratch", "single", "joint", "smskd", "multi-teacher", "stages", "orders"]
+    kind: Literal[RECIPES]  # type: ignore[valid-type]
     name: str | None = None  # label of its runs (default: the kind's own labels)
     group: str | None = None  # the report's comparison table (default: main)
     set: list[str] = Field(default_factory=list)
@@ -140,14 +140,7 @@ def load_sweep(
     """Read and validate a sweep file; ``overrides`` join its ``set`` (applied to every
     run, after the file's own), ``seeds`` replace its seeds."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sweep file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: not a readable YAML file ({err})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping (name, base, seeds, recipes) at the top")
+    raw = read_yaml_mapping(path, "sweep file", "name, base, seeds, recipes")
     for entry in raw.get("recipes") or []:
         if isinstance(entry, dict) and entry.get("teachers"):
             # "resnet8" stands for {model: resnet8}, as a model name does elsewhere.
@@ -176,12 +169,7 @@ def _point_label(point: dict[str, Any]) -> str:
 
 def _base_raw(sweep_path: Path, base: str) -> tuple[str, dict[str, Any]]:
     path = (sweep_path.parent / base).resolve()
-    if not path.is_file():
-        raise UserError(f"{sweep_path}: base config {base!r} not found (looked at {path})")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of keys at the top")
-    return path.stem, raw
+    return path.stem, read_yaml_mapping(path, f"{sweep_path}: base config", "seed, data, stages")
 
 
 def _override_text(key: str, value: Any) -> str:
