@@ -215,6 +215,27 @@ class DataConfig(_Strict):
         return self
 
 
+class PerformanceConfig(_Strict):
+    """Speed switches. Each leaves the training maths unchanged up to rounding
+    (tests hold every one against the plain fp32 path).
+
+    ``precision``: the networks' forwards under autocast (``bf16``; ``fp16`` with a
+    gradient scaler); losses stay fp32. ``channels_last``: NHWC weights and inputs
+    (faster convolutions on GPUs and recent CPUs). ``compile``: ``torch.compile`` each
+    stage's forwards (the first steps of every stage pay for compiling).
+    ``cache_teacher``: without augmentation a training image is the same every epoch,
+    so the teacher's outputs (and, from stage 2, the frozen reference's logits) are
+    computed once per stage and read from memory afterwards; it needs an in-memory
+    dataset and ``augment`` off, and holds at most ``cache_max_gib`` GiB.
+    """
+
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    cache_teacher: bool = False
+    cache_max_gib: float = Field(default=4.0, gt=0)
+
+
 class TeacherConfig(_Strict):
     """The teacher: loaded from ``checkpoint``, or trained from scratch when it is null."""
 
@@ -257,6 +278,7 @@ class RunConfig(_Strict):
     nonfinite: Literal["stop", "skip"] = "stop"
     # Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm).
     sync_batchnorm: bool = False
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
 
     @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:
@@ -271,7 +293,31 @@ class RunConfig(_Strict):
             raise ValueError(f"teacher: required because {reason}; add a 'teacher:' section")
         if self.extra_teachers:
             self._logit_methods_only()
+        if self.performance.cache_teacher:
+            self._cacheable()
         return self
+
+    def _cacheable(self) -> None:
+        from smskd.data.registry import DATASETS
+
+        augment = self.data.augment
+        if augment is None:
+            augmented = DATASETS[self.data.name].augment is not None
+        else:
+            augmented = augment is True or (
+                augment is not False and (augment.crop_padding > 0 or augment.flip)
+            )
+        if augmented:
+            raise ValueError(
+                "performance.cache_teacher: the training images are augmented, so the "
+                "teacher sees a new image every epoch; set data.augment: false or turn "
+                "the cache off"
+            )
+        if self.data.name == "image-folder" and not self.data.options.get("in_memory"):
+            raise ValueError(
+                "performance.cache_teacher needs an in-memory dataset; set "
+                "data.options.in_memory: true or turn the cache off"
+            )
 
     def _logit_methods_only(self) -> None:
         from smskd.methods.registry import METHODS

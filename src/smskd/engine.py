@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smskd.acceleration import Acceleration, as_float
 from smskd.checkpoint import set_rng_state
 from smskd.config import ReferenceConfig
 from smskd.distributed import all_reduce_sum
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs
+from smskd.output_cache import CachedOutputs
 from smskd.reference import reference_term, weight_histogram
 from smskd.taps import FeatureTaps
 
@@ -35,7 +37,8 @@ class StageObjective:
 
 @dataclass
 class StageModels:
-    """The networks of one stage. Teacher and reference are frozen and in eval mode."""
+    """The networks of one stage and how they run. Teacher and reference are frozen
+    and in eval mode; their outputs may come from a cache instead of a forward."""
 
     student: nn.Module
     teacher: nn.Module | None = None
@@ -43,6 +46,9 @@ class StageModels:
     student_taps: FeatureTaps | None = None
     teacher_taps: FeatureTaps | None = None
     trainable: list[nn.Module] = field(default_factory=list)
+    acceleration: Acceleration = field(default_factory=Acceleration)
+    teacher_cache: CachedOutputs | None = None
+    reference_cache: CachedOutputs | None = None
 
     def train(self) -> None:
         self.student.train()
@@ -69,24 +75,44 @@ def unpack_batch(batch: object, device: torch.device) -> tuple[Tensor, Tensor, T
 
 
 def forward_outputs(models: StageModels, x: Tensor, y: Tensor, index: Tensor | None) -> Outputs:
-    """Run teacher, then student; the teacher under ``no_grad``.
-
-    ``no_grad`` rather than ``inference_mode``: a method may keep a teacher tensor
-    for its backward (``s * t``), which autograd refuses for inference tensors.
-    """
-    teacher_logits = None
-    if models.teacher is not None:
-        with torch.no_grad():
-            teacher_logits = models.teacher(x)
-    student_logits = models.student(x)
+    """Run teacher (or read its cache), then student; outputs in fp32 for the losses."""
+    run = models.acceleration
+    x = run.inputs(x)
+    with run.autocast():
+        teacher_logits, teacher_features = frozen_outputs(
+            models.teacher, models.teacher_taps, models.teacher_cache, x, index
+        )
+        student_logits = models.student(x)
+    student_features = dict(models.student_taps.features) if models.student_taps else {}
     return Outputs(
-        student_logits=student_logits,
-        teacher_logits=teacher_logits,  # type: ignore[arg-type]
+        student_logits=as_float(student_logits),
+        teacher_logits=as_float(teacher_logits) if teacher_logits is not None else None,  # type: ignore[arg-type]
         labels=y,
-        student_features=dict(models.student_taps.features) if models.student_taps else {},
-        teacher_features=dict(models.teacher_taps.features) if models.teacher_taps else {},
+        student_features={k: as_float(v) for k, v in student_features.items()},
+        teacher_features={k: as_float(v) for k, v in teacher_features.items()},
         index=index,
     )
+
+
+def frozen_outputs(
+    model: nn.Module | None,
+    taps: FeatureTaps | None,
+    cache: CachedOutputs | None,
+    x: Tensor,
+    index: Tensor | None,
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Logits and tapped features of a frozen network: from ``cache`` by sample index,
+    or from a forward under ``inference_mode`` (no autograd bookkeeping at all)."""
+    if cache is not None and index is not None:
+        return cache.take(index)
+    if model is None:
+        return None, {}
+    with torch.inference_mode():
+        logits = model(x)
+        features = dict(taps.features) if taps is not None else {}
+    # Inference tensors cannot be saved for backward, which a loss like s·t needs;
+    # a copy made outside inference mode is an ordinary tensor (and costs little).
+    return logits.clone(), {name: value.clone() for name, value in features.items()}
 
 
 def step_loss(
@@ -105,8 +131,11 @@ def step_loss(
         terms[method.name] = value
         total = total + weight * value
     if models.reference is not None:
-        with torch.no_grad():
-            reference_logits = models.reference(x)
+        run = models.acceleration
+        with run.autocast():
+            reference_logits, _ = frozen_outputs(
+                models.reference, None, models.reference_cache, run.inputs(x), index
+            )
         terms["reference"], weights = reference_term(
             objective.reference, out.student_logits, reference_logits, out.teacher_logits, y
         )
@@ -156,6 +185,7 @@ def train_epoch(
     progress: EpochProgress | None = None,
     after_step: Callable[[EpochProgress], None] | None = None,
     nonfinite: str = "stop",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Any]:
     """One pass over ``batches``; returns the mean of every loss term.
 
@@ -164,7 +194,7 @@ def train_epoch(
     ``nonfinite="stop"`` notes a NaN/Inf loss on the device without a per-step sync
     and raises :class:`NonFiniteLoss` at the end of the epoch (or when
     ``after_step`` asks); ``"skip"`` leaves such a batch out of the update, at the
-    price of one host sync per step.
+    price of one host sync per step. ``scaler`` scales the loss for fp16 training.
     """
     models.train()
     progress = progress or EpochProgress()
@@ -192,8 +222,13 @@ def train_epoch(
                     earlier = torch.tensor(-1, device=total.device)
                 progress._bad_step = torch.where(~finite & (earlier < 0), step, earlier)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            if scaler is None:
+                total.backward()
+                optimizer.step()
+            else:  # skips the step (and lowers the scale) when a gradient overflowed
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
             for key, value in terms.items():
                 progress.sums[key] = progress.sums[key] + value if key in progress.sums else value
         if on_step is not None:
@@ -226,16 +261,24 @@ def train_epoch(
     return means
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    device: torch.device,
+    acceleration: Acceleration | None = None,
+) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy over ``batches`` (summed over ranks
-    under DDP, where each rank evaluates its own shard)."""
+    under DDP, where each rank evaluates its own shard), in the training's precision."""
+    run = acceleration or Acceleration(device.type)
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss, count
     for batch in batches:
         x, y, _ = unpack_batch(batch, device)
-        logits = model(x).float()
+        with run.autocast():
+            logits = model(run.inputs(x))
+        logits = logits.float()
         totals[0] += (logits.argmax(dim=1) == y).sum()
         totals[1] += F.cross_entropy(logits, y, reduction="sum")
         totals[2] += len(y)

@@ -233,6 +233,7 @@ def train_teacher(
             name="teacher",
             checkpoint_every_steps=cfg.checkpoint_every_steps,
             nonfinite=cfg.nonfinite,
+            performance=cfg.performance,
         )
         if dist.is_main:
             move_checkpoint(out / "student.pt", out / TEACHER_WEIGHTS)
@@ -336,6 +337,7 @@ def distill(
             name=name,
             checkpoint_every_steps=cfg.checkpoint_every_steps,
             nonfinite=cfg.nonfinite,
+            performance=cfg.performance,
         )
         if export_safetensors and dist.is_main:
             export_weights(out / "student.pt", out / "student.safetensors")

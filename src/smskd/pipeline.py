@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from smskd import distributed
+from smskd.acceleration import Acceleration
 from smskd.checkpoint import (
     atomic_save,
     has_checkpoint,
@@ -34,7 +35,13 @@ from smskd.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from smskd.config import OptimizerConfig, ReferenceConfig, ScheduleConfig, Stage
+from smskd.config import (
+    OptimizerConfig,
+    PerformanceConfig,
+    ReferenceConfig,
+    ScheduleConfig,
+    Stage,
+)
 from smskd.engine import (
     EpochProgress,
     NonFiniteLoss,
@@ -49,6 +56,7 @@ from smskd.errors import UserError
 from smskd.interrupt import RunStopped, StopRequest
 from smskd.methods.base import DistillMethod, StageContext
 from smskd.methods.registry import build_method
+from smskd.output_cache import cache_outputs
 from smskd.reference import make_reference
 from smskd.taps import FeatureTaps, layout_of
 from smskd.tracking import MetricsLog
@@ -169,6 +177,7 @@ def _build_stage(
     probe_batch: Any,
     device: torch.device,
     num_samples: int | None = None,
+    acceleration: Acceleration | None = None,
 ) -> tuple[StageModels, list[DistillMethod]]:
     """Methods, taps and helpers of one stage; helpers sized by a probe forward."""
     if stage.methods and teacher is None:
@@ -189,7 +198,15 @@ def _build_stage(
     except BaseException:
         student_taps.remove()
         raise
-    models = StageModels(student, teacher, reference, student_taps, teacher_taps, methods)
+    models = StageModels(
+        student,
+        teacher,
+        reference,
+        student_taps,
+        teacher_taps,
+        methods,
+        acceleration or Acceleration(device.type),
+    )
     try:
         _setup_methods(models, methods, stage, probe_batch, device, num_samples)
     except BaseException:
@@ -267,6 +284,7 @@ def run_stages(
     log: Callable[[str], None] = tqdm.write,
     checkpoint_every_steps: int | None = None,
     nonfinite: str = "stop",
+    performance: PerformanceConfig | None = None,
 ) -> RunResult:
     """Train ``student`` through ``stages``; return it with its per-epoch history.
 
@@ -278,6 +296,8 @@ def run_stages(
     :class:`~smskd.interrupt.RunStopped`. ``nonfinite``: ``"stop"`` ends the run
     at a NaN/Inf loss naming stage, epoch and step (keeping the last good
     checkpoint); ``"skip"`` leaves such batches out and counts them.
+    ``performance`` sets mixed precision, channels_last, ``torch.compile`` and the
+    teacher-output cache (:class:`~smskd.config.PerformanceConfig`).
     """
     if not stages:
         raise UserError("the stage list is empty: give at least one Stage")
@@ -290,11 +310,13 @@ def run_stages(
             "probability, but no teacher was given; pass a teacher or use weighting 'fixed'"
         )
     device = resolve_device(device)
-    student.to(device)
+    performance = performance or PerformanceConfig()
+    acceleration = Acceleration.of(performance, device)
+    acceleration.prepare(student.to(device))
     if teacher is not None:
         if teacher is student:
             raise UserError("teacher and student are the same module object; pass two models")
-        teacher.to(device).eval().requires_grad_(False)
+        acceleration.prepare(teacher.to(device).eval().requires_grad_(False))
     run = _Run(
         student,
         teacher,
@@ -309,6 +331,8 @@ def run_stages(
         log,
         checkpoint_every_steps,
         nonfinite,
+        acceleration,
+        performance.cache_max_gib * 2**30 if performance.cache_teacher else None,
     )
     return run.execute(resume, progress)
 
@@ -330,6 +354,8 @@ class _Run:
     log: Callable[[str], None]
     every_steps: int | None
     nonfinite: str
+    acceleration: Acceleration
+    cache_bytes: float | None  # the teacher-output cache's limit; None: no cache
 
     def execute(self, resume: bool, progress: bool) -> RunResult:
         self.dist = distributed.current()
@@ -400,8 +426,11 @@ class _Run:
             next(iter(self.train_data)),
             self.device,
             _num_samples(self.train_data),
+            self.acceleration,
         )
         try:
+            if self.cache_bytes is not None:
+                self._cache_frozen_outputs(models)
             objective = StageObjective(
                 stage.ce_weight,
                 [
@@ -413,12 +442,15 @@ class _Run:
             params = list(self.student.parameters()) + [p for m in methods for p in m.parameters()]
             optimizer = build_optimizer(stage.optimizer, params)
             scheduler = build_scheduler(stage.schedule, optimizer, stage.epochs)
+            scaler = self.acceleration.grad_scaler()
             partial = None
             if state is not None:
                 for method, method_state in zip(methods, state["methods"], strict=True):
                     method.load_state_dict(method_state)
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
+                if scaler is not None and state.get("scaler"):
+                    scaler.load_state_dict(state["scaler"])
                 set_rng_state(state["rng"])
                 if state.get("step"):
                     partial = EpochProgress(
@@ -429,7 +461,13 @@ class _Run:
                     )
             if self.dist.enabled:
                 models.student = _data_parallel(self.student, methods, self.device)
-            parts = _StageParts(k, stage, models, methods, objective, optimizer, scheduler)
+            # After the taps exist (compiled hooks are traced, later ones never fire).
+            models.student = self.acceleration.compiled(models.student)
+            if models.teacher_cache is None:
+                models.teacher = self.acceleration.compiled(models.teacher)
+            if models.reference_cache is None:
+                models.reference = self.acceleration.compiled(models.reference)
+            parts = _StageParts(k, stage, models, methods, objective, optimizer, scheduler, scaler)
             for epoch in range(first_epoch, stage.epochs):
                 self._epoch(parts, epoch, partial)
                 partial = None
@@ -486,12 +524,13 @@ class _Run:
                 progress=partial,
                 after_step=after_step,
                 nonfinite=self.nonfinite,
+                scaler=parts.scaler,
             )
         except NonFiniteLoss as err:
             raise self._nonfinite(where, err.step) from None
         parts.scheduler.step()
         distributed.sync_buffers(self.student)
-        test = evaluate(self.student, self.eval_data, self.device)
+        test = evaluate(self.student, self.eval_data, self.device, self.acceleration)
         record = {
             "stage": k + 1,
             "stage_name": stage.label,
@@ -518,6 +557,29 @@ class _Run:
                 self.stop.signum or 0,
             )
 
+    def _cache_frozen_outputs(self, models: StageModels) -> None:
+        """Teacher outputs (with this stage's taps) and reference logits, once per stage."""
+        assert self.cache_bytes is not None
+        started = time.perf_counter()
+        budget = self.cache_bytes
+        for role in ("teacher", "reference"):
+            model = getattr(models, role)
+            if model is None:
+                continue
+            taps = models.teacher_taps if role == "teacher" else None
+            cache = cache_outputs(
+                model, taps, self.train_data, self.acceleration, max_bytes=budget, what=role
+            )
+            budget -= cache.nbytes
+            setattr(models, f"{role}_cache", cache)
+        cached = [c for c in (models.teacher_cache, models.reference_cache) if c is not None]
+        if cached:
+            self.log(
+                f"{self.name}: cached the frozen outputs of {len(cached[0].logits)} samples "
+                f"({sum(c.nbytes for c in cached) / 2**20:.1f} MiB) in "
+                f"{time.perf_counter() - started:.1f}s"
+            )
+
     def _nonfinite(self, where: str, step: int) -> UserError:
         kept = "the last good checkpoint is kept" if self.checkpoints else "nothing was saved"
         return UserError(
@@ -540,6 +602,7 @@ class _Run:
             "methods": [m.state_dict() for m in parts.methods],
             "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
             "rng": rng_state(),
         }
         atomic_save(state, self.checkpoints / "last.pt", keep_previous=True)
@@ -556,6 +619,7 @@ class _StageParts:
     objective: StageObjective
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
 
 
 class _Trainable(nn.Module):

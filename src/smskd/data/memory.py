@@ -160,6 +160,16 @@ class InMemoryLoader:
         """Sample indices this rank visits in the current epoch, in order (before drop_last)."""
         return self._epoch_plan()[1].to(self.device)
 
+    def every_sample(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(x, index)`` over the whole split in order, on every rank: what a cache
+        of per-sample outputs needs. Only for loaders whose images never change."""
+        if self.augment is not None:
+            raise ValueError("an augmented loader gives new images every epoch")
+        for start in range(0, len(self.labels), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(self.labels)))
+            index = index.to(self.device)
+            yield self.normalize(self.images[index]), index
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         positions, order = self._epoch_plan()
         order = order.to(self.device)  # one transfer per epoch, not per batch

@@ -1,0 +1,280 @@
+"""Speed switches (precision, channels_last, torch.compile, teacher-output cache):
+each one against the plain fp32 path, at the same weights and over whole runs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import smskd.engine as engine
+import smskd.pipeline as pipeline
+from smskd.acceleration import Acceleration
+from smskd.checkpoint import safe_load
+from smskd.config import PerformanceConfig, ReferenceConfig, Stage, load_config
+from smskd.data.augment import Augment
+from smskd.data.memory import ArrayDataset, ArraySplit, InMemoryLoader
+from smskd.engine import StageObjective, step_loss
+from smskd.errors import UserError
+from smskd.models.convnet import ConvNet
+from smskd.output_cache import cache_outputs
+from smskd.pipeline import _build_stage, run_stages
+from smskd.reference import make_reference
+
+QUIET = {"progress": False, "log": lambda _: None}
+CPU = torch.device("cpu")
+
+
+def array_dataset(n_train: int = 128, n_test: int = 64) -> ArrayDataset:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(
+        0, 256, (n_train + n_test, 1, 8, 8), dtype=torch.uint8, generator=generator
+    )
+    labels = (images.flatten(1).float() @ torch.randn(64, 3, generator=generator)).argmax(1)
+    return ArrayDataset(
+        "random",
+        ArraySplit(images[:n_train], labels[:n_train]),
+        ArraySplit(images[n_train:], labels[n_train:]),
+        num_classes=3,
+        pixel_max=255.0,
+        mean=(0.5,),
+        std=(0.25,),
+    )
+
+
+@pytest.fixture
+def loaders() -> tuple[InMemoryLoader, InMemoryLoader]:
+    data = array_dataset()
+    train = InMemoryLoader(data.train, data, 32, shuffle=True, seed=0, drop_last=True)
+    test = InMemoryLoader(data.test, data, 64, shuffle=False)
+    return train, test
+
+
+def net(seed: int, widths: tuple[int, ...]) -> ConvNet:
+    torch.manual_seed(seed)
+    return ConvNet(num_classes=3, in_channels=1, widths=widths)
+
+
+def one_step(options: dict, train: InMemoryLoader) -> tuple[dict[str, float], torch.Tensor]:
+    """The loss terms and the flat gradient of one SMSKD stage-2 step (KD + FitNets +
+    the reference term), with fixed weights: only ``options`` differ between calls."""
+    acceleration = Acceleration("cpu", **{k: v for k, v in options.items() if k != "cache"})
+    student = acceleration.prepare(net(1, (4, 8, 8)))
+    teacher = acceleration.prepare(net(2, (8, 16, 16)).eval().requires_grad_(False))
+    reference = make_reference(acceleration.prepare(net(3, (4, 8, 8))))
+    torch.manual_seed(4)  # the FitNets regressor's initial weights
+    models, methods = _build_stage(
+        Stage(methods=["kd", "fitnets"], epochs=1),
+        student,
+        teacher,
+        reference,
+        next(iter(train)),
+        CPU,
+        len(train.labels),
+        acceleration,
+    )
+    try:
+        if options.get("cache"):
+            limit = 2**30
+            models.teacher_cache = cache_outputs(
+                teacher, models.teacher_taps, train, acceleration, max_bytes=limit
+            )
+            models.reference_cache = cache_outputs(
+                reference, None, train, acceleration, max_bytes=limit
+            )
+        models.student = acceleration.compiled(models.student)
+        models.teacher = acceleration.compiled(models.teacher)
+        models.reference = acceleration.compiled(models.reference)
+        objective = StageObjective(
+            1.0, [(m, 1.0) for m in methods], ReferenceConfig(weighting="inverse_tcp")
+        )
+        models.train()
+        x, y, index = next(iter(train))
+        total, terms = step_loss(models, objective, x, y, index)
+        total.backward()
+        params = [*student.parameters(), *(p for m in methods for p in m.parameters())]
+        grad = torch.cat([p.grad.reshape(-1) for p in params])
+    finally:
+        pipeline._remove_taps(models)
+    scalars = {k: float(v) for k, v in terms.items() if v.dim() == 0}
+    return scalars, grad
+
+
+@pytest.mark.parametrize(
+    ("options", "rtol", "min_cosine"),
+    [
+        ({"channels_last": True}, 1e-5, 1 - 1e-6),
+        ({"cache": True}, 1e-5, 1 - 1e-6),
+        ({"precision": "bf16"}, 2e-2, 0.998),
+        ({"precision": "fp16"}, 5e-3, 0.9998),
+        ({"precision": "bf16", "channels_last": True, "cache": True}, 2e-2, 0.998),
+    ],
+    ids=["channels_last", "cache_teacher", "bf16", "fp16", "bf16+channels_last+cache"],
+)
+def test_a_switch_gives_the_fp32_loss_and_gradient(loaders, options, rtol, min_cosine) -> None:
+    expected_terms, expected_grad = one_step({}, loaders[0])
+    terms, grad = one_step(options, loaders[0])
+    assert set(terms) == set(expected_terms) >= {"ce", "kd", "fitnets", "reference"}
+    for key, value in expected_terms.items():
+        assert terms[key] == pytest.approx(value, rel=rtol, abs=1e-6), key
+    cosine = torch.nn.functional.cosine_similarity(grad, expected_grad, dim=0)
+    assert cosine >= min_cosine
+    assert float(grad.norm()) == pytest.approx(float(expected_grad.norm()), rel=3 * rtol)
+
+
+def test_torch_compile_gives_the_fp32_loss_gradient_and_features(loaders) -> None:
+    """Compiled after the taps are registered, the hooks are traced: FitNets still sees
+    the features (a hook added after compiling would silently never fire)."""
+    expected_terms, expected_grad = one_step({}, loaders[0])
+    terms, grad = one_step({"compile": True}, loaders[0])
+    for key, value in expected_terms.items():
+        assert terms[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def run(loaders, performance: dict, stages: list[Stage] | None = None, **kwargs):
+    student, teacher = net(1, (4, 8, 8)), net(2, (8, 16, 16))
+    stages = stages or [
+        Stage(methods=["kd"], epochs=1, optimizer={"lr": 0.05}),
+        Stage(methods=["fitnets"], epochs=1, optimizer={"lr": 0.05}),
+    ]
+    return run_stages(
+        student,
+        teacher,
+        stages,
+        *loaders,
+        performance=PerformanceConfig(**performance),
+        **QUIET,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("performance", [{"channels_last": True}, {"cache_teacher": True}])
+def test_exact_switches_reproduce_a_whole_run(loaders, performance) -> None:
+    plain = run(loaders, {})
+    fast = run(loaders, performance)
+    for key, value in plain.student.state_dict().items():
+        torch.testing.assert_close(fast.student.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+    for a, b in zip(plain.history, fast.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["test_acc"] == pytest.approx(a["test_acc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_train_and_evaluate(loaders, precision) -> None:
+    plain = run(loaders, {})
+    mixed = run(loaders, {"precision": precision})
+    for a, b in zip(plain.history, mixed.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+        assert abs(b["test_acc"] - a["test_acc"]) <= 10.0  # 64 test images: ±6 images
+    weights = mixed.student.state_dict()
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+
+
+def test_fp16_saves_its_loss_scale_and_resumes_bit_identically(
+    loaders, tmp_path, monkeypatch
+) -> None:
+    stages = [Stage(methods=["kd"], epochs=2, optimizer={"lr": 0.05})]
+    expected = run(loaders, {"precision": "fp16"}, stages)
+    real, calls = engine.step_loss, {"n": 0}
+
+    def crash_on_step_6(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, step 2 (4 steps an epoch)
+            raise RuntimeError("power cut")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "step_loss", crash_on_step_6)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(loaders, {"precision": "fp16"}, stages, out_dir=tmp_path)
+    state = safe_load(tmp_path / "checkpoints" / "last.pt")
+    assert state["scaler"]["scale"] == 2.0**16  # GradScaler's initial scale, saved
+    monkeypatch.undo()
+    resumed = run(loaders, {"precision": "fp16"}, stages, out_dir=tmp_path, resume=True)
+    for key, value in expected.student.state_dict().items():
+        assert torch.equal(resumed.student.state_dict()[key], value), key
+
+
+def test_compile_is_applied_per_stage_after_the_taps(loaders, monkeypatch) -> None:
+    """What run_stages hands to torch.compile, without paying for compiling."""
+    compiled: list[tuple[str, int]] = []
+
+    def record(model):
+        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+        compiled.append((type(model).__name__, hooks))
+        return model
+
+    monkeypatch.setattr(torch, "compile", record)
+    run(loaders, {"compile": True})
+    # Stage 1: student, teacher. Stage 2: student, teacher (FitNets taps), reference.
+    assert len(compiled) == 5
+    assert compiled[2][1] > 0 and compiled[3][1] > 0  # stage 2's taps exist when compiled
+
+
+def test_cache_skips_the_teacher_and_reference_forwards(loaders, monkeypatch) -> None:
+    calls = {"teacher": 0}
+    run_teacher = ConvNet.forward
+
+    def counting(self, x):
+        if self.block1[0].out_channels == 8:  # the teacher's widths
+            calls["teacher"] += 1
+        return run_teacher(self, x)
+
+    monkeypatch.setattr(ConvNet, "forward", counting)
+    run(loaders, {"cache_teacher": True})
+    # Per stage: one probe batch and the cache pass (128 samples, 256 a batch): 2 calls.
+    assert calls["teacher"] == 4
+
+
+def test_cache_refuses_augmented_and_streamed_data_and_a_small_limit(loaders) -> None:
+    data = array_dataset()
+    augmented = InMemoryLoader(data.train, data, 32, shuffle=True, augment=Augment(2, True))
+    with pytest.raises(UserError, match="augment"):
+        run((augmented, loaders[1]), {"cache_teacher": True})
+    x, y = data.train.images.float(), data.train.labels
+    streamed = DataLoader(TensorDataset(x, y, torch.arange(len(y))), batch_size=32)
+    with pytest.raises(UserError, match="in-memory training set"):
+        run((streamed, loaders[1]), {"cache_teacher": True})
+    with pytest.raises(UserError, match="cache_max_gib"):
+        run(loaders, {"cache_teacher": True, "cache_max_gib": 1e-6})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"name": "cifar10"}, "augmented"),  # crop+flip by default
+        ({"name": "digits", "augment": True}, "augmented"),
+        ({"name": "image-folder", "augment": False}, "in_memory: true"),
+    ],
+)
+def test_config_refuses_a_cache_that_cannot_hold(data, message) -> None:
+    raw = {
+        "data": data,
+        "teacher": {"model": "convnet-s"},
+        "student": {"model": "convnet-xs"},
+        "stages": [{"methods": ["kd"], "epochs": 1}],
+        "performance": {"cache_teacher": True},
+    }
+    with pytest.raises(UserError, match=message):
+        load_config(raw)
+    raw["performance"] = {"cache_teacher": False}
+    load_config(raw)
+
+
+def test_config_names_the_valid_precisions() -> None:
+    raw = {
+        "student": {"model": "convnet-xs"},
+        "stages": [{"epochs": 1}],
+        "performance": {"precision": "fp8"},
+    }
+    with pytest.raises(UserError, match=r"performance\.precision.*'bf16'"):
+        load_config(raw)
+
+
+def test_deepcopy_of_a_prepared_model_keeps_channels_last() -> None:
+    model = Acceleration("cpu", channels_last=True).prepare(net(1, (4, 8, 8)))
+    copied = copy.deepcopy(model)
+    weight = copied.block1[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
