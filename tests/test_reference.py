@@ -78,20 +78,66 @@ def test_reference_term_weights_each_sample_by_teacher_tcp() -> None:
     assert total.item() == pytest.approx((w[0] * kl0 + w[1] * 0.0) / 2, rel=1e-5)
 
 
-def test_reference_is_a_frozen_copy(student: torch.nn.Module) -> None:
+def test_reference_is_a_frozen_copy_in_inference_form(student: torch.nn.Module) -> None:
+    """Same outputs as the student in eval mode, BatchNorm folded away, nothing shared."""
+    x = torch.randn(16, 1, 8, 8)
+    student.train()
+    student(x)  # move the BN statistics off their initial values
+    before = {k: v.clone() for k, v in student.state_dict().items()}
     reference = make_reference(student)
-    assert reference is not student
+    assert reference is not student and student.training  # the student is left as it was
     assert not reference.training
     assert all(not p.requires_grad for p in reference.parameters())
-    for p_ref, p_student in zip(reference.parameters(), student.parameters(), strict=True):
-        assert p_ref.data_ptr() != p_student.data_ptr()
-        assert torch.equal(p_ref, p_student)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
+    student_storage = {p.data_ptr() for p in student.parameters()}
+    assert all(p.data_ptr() not in student_storage for p in reference.parameters())
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x), student(x), rtol=1e-5, atol=1e-6)
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+class Untraceable(torch.nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+        self.bn = torch.nn.BatchNorm2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y.flatten(1) if y.sum() > 0 else -y.flatten(1)
+
+
+def test_an_untraceable_reference_keeps_its_layers_and_outputs() -> None:
+    model = Untraceable().eval()
+    reference = make_reference(model)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
+    x = torch.randn(4, 1, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x), model(x))
+
+
+def test_a_resumed_reference_loads_the_stage_end_weights(student: torch.nn.Module) -> None:
+    stage_end = {
+        k: v + 0.1 if v.is_floating_point() else v for k, v in student.state_dict().items()
+    }
+    reference = make_reference(student, stage_end)
+    expected = make_reference(student)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert not torch.allclose(reference(x), expected(x))
+        student.load_state_dict(stage_end)
+        torch.testing.assert_close(reference(x), student.eval()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_reference_never_changes_and_gets_no_gradient(student, teacher, tiny_data) -> None:
     train, _ = tiny_data
     reference = make_reference(student)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
     models = StageModels(student, teacher, reference)
     objective = StageObjective(1.0, [], ReferenceConfig())
     optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
@@ -101,5 +147,5 @@ def test_reference_never_changes_and_gets_no_gradient(student, teacher, tiny_dat
     assert all(p.grad is None for p in reference.parameters())
     for key, value in reference.state_dict().items():  # BN running stats included
         assert torch.equal(value, before[key]), key
-    moved = any(not torch.equal(student.state_dict()[k], before[k]) for k in before)
+    moved = any(not torch.equal(v, student_before[k]) for k, v in student.state_dict().items())
     assert moved

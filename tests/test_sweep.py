@@ -36,12 +36,20 @@ def test_expansion_covers_every_recipe_kind_and_dedupes_equal_configs(tmp_path: 
             "joint",
             "smskd",
             {"kind": "multi-teacher", "teachers": ["convnet-s"]},
-            {"kind": "smskd", "name": "ref-none", "group": "reference",
-             "set": ["reference.weighting=none"]},
+            {
+                "kind": "smskd",
+                "name": "ref-none",
+                "group": "reference",
+                "set": ["reference.weighting=none"],
+            },
             "stages",
             "orders",
-            {"kind": "smskd", "name": "lambda", "group": "lambda",
-             "grid": {"reference.lam": [0.5, 1.0]}},
+            {
+                "kind": "smskd",
+                "name": "lambda",
+                "group": "lambda",
+                "grid": {"reference.lam": [0.5, 1.0]},
+            },
         ],
     )
     runs = plan(load_sweep(path), path, tmp_path / "out")
@@ -231,9 +239,7 @@ def test_cifar100_sweep_runs_a_few_steps_on_fabricated_pickles(tmp_path: Path) -
 def test_a_finished_run_of_a_changed_config_is_not_reused(tmp_path: Path) -> None:
     path = write_sweep(tmp_path, recipes=["joint"])
     out = tmp_path / "out"
-    assert [r.status for r in run_sweep(path, out, progress=False, log=lambda _m: None)] == [
-        "done"
-    ]
+    assert [r.status for r in run_sweep(path, out, progress=False, log=lambda _m: None)] == ["done"]
     changed = write_sweep(tmp_path, recipes=["joint"], set=[*TINY, "data.batch_size=32"])
     with pytest.raises(UserError, match="holds a finished run of another config than 'joint'"):
         run_sweep(changed, out, progress=False, log=lambda _m: None)

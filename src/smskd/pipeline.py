@@ -244,9 +244,10 @@ def _setup_methods(
     device: torch.device,
     num_samples: int | None,
 ) -> None:
-    """Size each method's helpers from one probe forward (no grad, BN statistics kept)."""
+    """Size each method's helpers from one probe forward (no grad, BN statistics kept);
+    no forward when no method builds anything from it (KD, RKD...: nothing to size)."""
     student = models.student
-    if methods:
+    if any(type(m).setup is not DistillMethod.setup or m.needs_index for m in methods):
         x, y, index = unpack_batch(probe_batch, device)
         needing_index = [m.name for m in methods if m.needs_index]
         if needing_index and index is None:
@@ -264,7 +265,8 @@ def _setup_methods(
         context = StageContext(stage.epochs, num_samples, probe.student_logits.shape[1])
         for method in methods:
             method.setup(probe, context)
-            method.to(device)
+    for method in methods:
+        method.to(device)
 
 
 def run_stages(
@@ -414,9 +416,9 @@ class _Run:
         ref_model = None
         if k > 0 and self.reference_cfg.weighting != "none":
             # Built before the stage's taps exist: a deep copy would copy the hooks.
-            ref_model = make_reference(self.student)
-            if state is not None and self.checkpoints is not None:
-                ref_model.load_state_dict(load_state_dict(self.checkpoints / f"stage{k}.pt"))
+            resumed = state is not None and self.checkpoints is not None
+            stage_end = load_state_dict(self.checkpoints / f"stage{k}.pt") if resumed else None
+            ref_model = make_reference(self.student, stage_end)
         torch.manual_seed(self.seed * 7919 + k)  # helpers' init does not depend on history
         models, methods = _build_stage(
             stage,

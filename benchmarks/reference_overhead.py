@@ -1,0 +1,158 @@
+"""Cost of the reference model: an SMSKD stage-k step / a plain KD step, and their memory.
+
+Both steps train the same student with KD from the same teacher on the same batches;
+the stage-k step (k ≥ 2) also runs the frozen reference (eval mode, ``inference_mode``)
+and adds the TCP-weighted reference loss. Steps go through the library's own epoch
+loop (:func:`smskd.engine.train_epoch`) over ready-made batches on the device, so the
+input pipeline is not in the figure. Peak memory of each step is measured in a fresh
+process per path (peak resident set on the CPU, peak allocated on CUDA).
+
+    python benchmarks/reference_overhead.py            # batch 64, 5 steps, 5 repeats
+    python benchmarks/reference_overhead.py --quick    # smaller batch and fewer steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from harness import (
+    PAIRS,
+    RESULTS,
+    Pair,
+    apply_threads,
+    common_arguments,
+    environment,
+    interleaved,
+    models_of,
+    random_batches,
+    stage_step,
+    summary,
+    time_steps,
+    write_json,
+)
+
+PATHS = {"kd": False, "smskd_stage_k": True}  # path → with the reference model
+TARGET = 1.10
+
+
+def sizes(pair: Pair, quick: bool) -> tuple[int, int]:
+    """(batch, steps per measurement): the CIFAR pair costs ~1 s a step on 2 CPU cores."""
+    if pair.name == "cifar":
+        return (32, 2) if quick else (64, 5)
+    return (128, 5) if quick else (128, 20)
+
+
+def measure_pair(pair: Pair, quick: bool, repeats: int, device: torch.device) -> dict[str, Any]:
+    batch, steps = sizes(pair, quick)
+    student, teacher = models_of(pair)
+    batches = random_batches(pair, batch, steps, device)
+    built = {
+        name: stage_step(student, teacher, ["kd"], batches, device, reference=with_reference)
+        for name, with_reference in PATHS.items()
+    }
+    for step in built.values():  # warm-up: allocator, kernels, lazy initialization
+        time_steps(step, batches[:1])
+    times = interleaved(
+        {name: lambda s=s: time_steps(s, batches) for name, s in built.items()}, repeats
+    )
+    for step in built.values():
+        step.close()
+    rows = {name: summary(t) for name, t in times.items()}
+    ratio = rows["smskd_stage_k"]["median"] / rows["kd"]["median"]
+    return {
+        "teacher": pair.teacher,
+        "student": pair.student,
+        "input": list(pair.shape),
+        "batch": batch,
+        "steps_per_measurement": steps,
+        "seconds_per_step": rows,
+        "ratio": ratio,
+        "memory": {name: memory_probe(pair.name, name, batch, device) for name in PATHS},
+    }
+
+
+def memory_probe(pair: str, path: str, batch: int, device: torch.device) -> dict[str, float]:
+    """Peak memory of a few steps of ``path``, in a process of its own (peaks only rise)."""
+    command = [sys.executable, __file__, "--probe", pair, path, str(batch), "--device", str(device)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _resident_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def run_probe(pair_name: str, path: str, batch: int, device: torch.device) -> None:
+    pair = PAIRS[pair_name]
+    student, teacher = models_of(pair)
+    batches = random_batches(pair, batch, 3, device)
+    step = stage_step(student, teacher, ["kd"], batches, device, reference=PATHS[path])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        time_steps(step, batches)
+        peak = torch.cuda.max_memory_allocated(device)
+        print(json.dumps({"peak_mib": peak / 2**20, "step_mib": (peak - before) / 2**20}))
+        return
+    before = _resident_kib("VmRSS")
+    time_steps(step, batches)
+    peak = _resident_kib("VmHWM")  # the process's peak resident set
+    print(json.dumps({"peak_mib": peak / 1024, "step_mib": (peak - before) / 1024}))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_arguments(parser, RESULTS / "reference_overhead.json")
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument(
+        "--probe", nargs=3, metavar=("PAIR", "PATH", "BATCH"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    apply_threads(args.threads)
+    device = torch.device(args.device)
+    if args.probe:
+        run_probe(args.probe[0], args.probe[1], int(args.probe[2]), device)
+        return {}
+    pairs = {
+        name: measure_pair(PAIRS[name], args.quick, args.repeats, device) for name in args.pairs
+    }
+    worst = max(p["ratio"] for p in pairs.values())
+    result = {
+        "benchmark": "reference_overhead",
+        "definition": "median s/step of an SMSKD stage-k step (teacher + reference + student, "
+        "KD + reference loss) / median s/step of a plain KD step (teacher + student, KD loss)",
+        "target": f"<= {TARGET}",
+        "ratio": worst,
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "pairs": pairs,
+        "environment": environment(device),
+    }
+    print(f"reference overhead, {args.repeats} repeats (median s/step), device {device}")
+    print(
+        f"{'pair':<15}{'batch':>6}{'KD step':>10}{'stage-k':>10}{'ratio':>8}"
+        f"{'peak MiB KD / stage-k':>24}"
+    )
+    for name, p in pairs.items():
+        s, m = p["seconds_per_step"], p["memory"]
+        print(
+            f"{name:<15}{p['batch']:>6}{s['kd']['median']:>10.4f}{s['smskd_stage_k']['median']:>10.4f}"
+            f"{p['ratio']:>8.3f}{m['kd']['peak_mib']:>13.0f} / {m['smskd_stage_k']['peak_mib']:.0f}"
+        )
+    print(f"reference_overhead (worst pair): {worst:.3f} (target {result['target']})")
+    write_json(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
