@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import environment
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -160,10 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": repeats,
         "quick": args.quick,
         "device": str(device),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
+        "environment": environment(device),
         "outputs_identical": True,
         "results": rows,
         "ratio_best": ratio_best,

@@ -4,8 +4,10 @@ Both steps train the same student with KD from the same teacher on the same batc
 the stage-k step (k ≥ 2) also runs the frozen reference (eval mode, ``inference_mode``)
 and adds the TCP-weighted reference loss. Steps go through the library's own epoch
 loop (:func:`smskd.engine.train_epoch`) over ready-made batches on the device, so the
-input pipeline is not in the figure. Peak memory of each step is measured in a fresh
-process per path (peak resident set on the CPU, peak allocated on CUDA).
+input pipeline is not in the figure. The reference's forward is also timed alone, in its
+inference form and as a plain eval-mode copy: ``1 + forward / KD step`` is the floor
+that any implementation of the stage-k step has on this machine. Peak memory of each
+step is measured in a fresh process per path (peak resident set on the CPU, peak allocated on CUDA).
 
     python benchmarks/reference_overhead.py            # batch 64, 5 steps, 5 repeats
     python benchmarks/reference_overhead.py --quick    # smaller batch and fewer steps
@@ -14,9 +16,11 @@ process per path (peak resident set on the CPU, peak allocated on CUDA).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ from harness import (
     random_batches,
     stage_step,
     summary,
+    sync,
     time_steps,
     write_json,
 )
@@ -58,13 +63,17 @@ def measure_pair(pair: Pair, quick: bool, repeats: int, device: torch.device) ->
     }
     for step in built.values():  # warm-up: allocator, kernels, lazy initialization
         time_steps(step, batches[:1])
-    times = interleaved(
-        {name: lambda s=s: time_steps(s, batches) for name, s in built.items()}, repeats
-    )
+    reference = built["smskd_stage_k"].models.reference
+    plain = copy.deepcopy(student).to(device).eval()
+    paths = {name: lambda s=s: time_steps(s, batches) for name, s in built.items()}
+    paths["reference_forward"] = lambda: forward_only(reference, batches, device)
+    paths["plain_copy_forward"] = lambda: forward_only(plain, batches, device)
+    times = interleaved(paths, repeats)
     for step in built.values():
         step.close()
     rows = {name: summary(t) for name, t in times.items()}
-    ratio = rows["smskd_stage_k"]["median"] / rows["kd"]["median"]
+    kd = rows["kd"]["median"]
+    ratio = rows["smskd_stage_k"]["median"] / kd
     return {
         "teacher": pair.teacher,
         "student": pair.student,
@@ -73,8 +82,20 @@ def measure_pair(pair: Pair, quick: bool, repeats: int, device: torch.device) ->
         "steps_per_measurement": steps,
         "seconds_per_step": rows,
         "ratio": ratio,
+        "floor_one_reference_forward": 1 + rows["reference_forward"]["median"] / kd,
+        "floor_plain_copy": 1 + rows["plain_copy_forward"]["median"] / kd,
         "memory": {name: memory_probe(pair.name, name, batch, device) for name in PATHS},
     }
+
+
+def forward_only(model: torch.nn.Module, batches: list, device: torch.device) -> float:
+    sync(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for x, _, _ in batches:
+            model(x)
+    sync(device)
+    return (time.perf_counter() - started) / len(batches)
 
 
 def memory_probe(pair: str, path: str, batch: int, device: torch.device) -> dict[str, float]:
@@ -140,14 +161,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"reference overhead, {args.repeats} repeats (median s/step), device {device}")
     print(
-        f"{'pair':<15}{'batch':>6}{'KD step':>10}{'stage-k':>10}{'ratio':>8}"
-        f"{'peak MiB KD / stage-k':>24}"
+        f"{'pair':<15}{'batch':>6}{'KD step':>10}{'stage-k':>10}{'ratio':>8}{'floor':>7}"
+        f"{'plain':>7}{'peak MiB KD / stage-k':>24}"
     )
     for name, p in pairs.items():
         s, m = p["seconds_per_step"], p["memory"]
         print(
             f"{name:<15}{p['batch']:>6}{s['kd']['median']:>10.4f}{s['smskd_stage_k']['median']:>10.4f}"
-            f"{p['ratio']:>8.3f}{m['kd']['peak_mib']:>13.0f} / {m['smskd_stage_k']['peak_mib']:.0f}"
+            f"{p['ratio']:>8.3f}{p['floor_one_reference_forward']:>7.3f}"
+            f"{p['floor_plain_copy']:>7.3f}{m['kd']['peak_mib']:>13.0f}"
+            f" / {m['smskd_stage_k']['peak_mib']:.0f}"
         )
     print(f"reference_overhead (worst pair): {worst:.3f} (target {result['target']})")
     write_json(result, args.out)
