@@ -20,14 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from harness import (
-    PAIRS,
     RESULTS,
     Pair,
-    apply_threads,
     common_arguments,
-    environment,
     interleaved,
     models_of,
+    over_pairs,
     random_batches,
     stage_step,
     summary,
@@ -94,23 +92,16 @@ def measure_pair(pair: Pair, quick: bool, repeats: int, device: torch.device) ->
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_arguments(parser, RESULTS / "compute_bound.json")
-    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     args = parser.parse_args(argv)
-    apply_threads(args.threads)
-    device = torch.device(args.device)
-    pairs = {n: measure_pair(PAIRS[n], args.quick, args.repeats, device) for n in args.pairs}
-    worst = max(p["ratio"] for p in pairs.values())
-    result = {
-        "benchmark": "compute_bound",
-        "definition": "median s/step of our KD step / (median teacher forward + median "
-        "student forward+backward, each measured alone on the same batches)",
-        "target": f"<= {TARGET}",
-        "ratio": worst,
-        "quick": args.quick,
-        "repeats": args.repeats,
-        "pairs": pairs,
-        "environment": environment(device),
-    }
+    result = over_pairs(
+        args,
+        measure_pair,
+        "compute_bound",
+        "median s/step of our KD step / (median teacher forward + median student "
+        "forward+backward, each measured alone on the same batches)",
+        f"<= {TARGET}",
+    )
+    pairs, worst, device = result["pairs"], result["ratio"], args.device
     print(f"compute bound, {args.repeats} repeats (median s/step), device {device}")
     print(f"{'pair':<15}{'ours':>9}{'teacher fwd':>13}{'student f+b':>13}{'ratio':>8}")
     for name, p in pairs.items():

@@ -171,6 +171,27 @@ def common_arguments(parser: Any, default_out: Path) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+
+
+def over_pairs(
+    args: Any, measure: Callable[..., dict[str, Any]], benchmark: str, definition: str, target: str
+) -> dict[str, Any]:
+    """``measure(pair, quick, repeats, device)`` for each of ``args.pairs``; the headline
+    ratio is the worst pair's (the largest: every per-pair target is an upper bound)."""
+    apply_threads(args.threads)
+    device = torch.device(args.device)
+    pairs = {n: measure(PAIRS[n], args.quick, args.repeats, device) for n in args.pairs}
+    return {
+        "benchmark": benchmark,
+        "definition": definition,
+        "target": target,
+        "ratio": max(p["ratio"] for p in pairs.values()),
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "pairs": pairs,
+        "environment": environment(device),
+    }
 
 
 def apply_threads(threads: int | None) -> None:

@@ -31,9 +31,9 @@ from harness import (
     Pair,
     apply_threads,
     common_arguments,
-    environment,
     interleaved,
     models_of,
+    over_pairs,
     random_batches,
     stage_step,
     summary,
@@ -134,31 +134,23 @@ def run_probe(pair_name: str, path: str, batch: int, device: torch.device) -> No
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_arguments(parser, RESULTS / "reference_overhead.json")
-    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument(
         "--probe", nargs=3, metavar=("PAIR", "PATH", "BATCH"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
-    apply_threads(args.threads)
-    device = torch.device(args.device)
     if args.probe:
-        run_probe(args.probe[0], args.probe[1], int(args.probe[2]), device)
+        apply_threads(args.threads)
+        run_probe(args.probe[0], args.probe[1], int(args.probe[2]), torch.device(args.device))
         return {}
-    pairs = {
-        name: measure_pair(PAIRS[name], args.quick, args.repeats, device) for name in args.pairs
-    }
-    worst = max(p["ratio"] for p in pairs.values())
-    result = {
-        "benchmark": "reference_overhead",
-        "definition": "median s/step of an SMSKD stage-k step (teacher + reference + student, "
-        "KD + reference loss) / median s/step of a plain KD step (teacher + student, KD loss)",
-        "target": f"<= {TARGET}",
-        "ratio": worst,
-        "quick": args.quick,
-        "repeats": args.repeats,
-        "pairs": pairs,
-        "environment": environment(device),
-    }
+    result = over_pairs(
+        args,
+        measure_pair,
+        "reference_overhead",
+        "median s/step of an SMSKD stage-k step (teacher + reference + student, KD + "
+        "reference loss) / median s/step of a plain KD step (teacher + student, KD loss)",
+        f"<= {TARGET}",
+    )
+    pairs, worst, device = result["pairs"], result["ratio"], args.device
     print(f"reference overhead, {args.repeats} repeats (median s/step), device {device}")
     print(
         f"{'pair':<15}{'batch':>6}{'KD step':>10}{'stage-k':>10}{'ratio':>8}{'floor':>7}"
