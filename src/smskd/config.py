@@ -10,7 +10,7 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -23,6 +23,9 @@ from pydantic import (
 )
 
 from smskd.errors import UserError, choices
+
+if TYPE_CHECKING:
+    from smskd.data.augment import Augment
 
 
 class _Strict(BaseModel):
@@ -214,6 +217,23 @@ class DataConfig(_Strict):
         check_options(self.name, self.options)
         return self
 
+    def training_augment(self) -> Augment | None:
+        """What training batches get: ``augment`` resolved against the dataset's default;
+        None when they are not augmented at all."""
+        from smskd.data.augment import Augment
+        from smskd.data.registry import DATASETS
+
+        default = DATASETS[self.name].augment
+        if self.augment is None:
+            chosen = default
+        elif self.augment is False:
+            chosen = None
+        elif self.augment is True:
+            chosen = default or Augment()
+        else:
+            chosen = Augment(self.augment.crop_padding, self.augment.flip)
+        return None if chosen is None or chosen.is_identity else chosen
+
 
 class PerformanceConfig(_Strict):
     """Speed switches. Each leaves the training maths unchanged up to rounding
@@ -298,16 +318,7 @@ class RunConfig(_Strict):
         return self
 
     def _cacheable(self) -> None:
-        from smskd.data.registry import DATASETS
-
-        augment = self.data.augment
-        if augment is None:
-            augmented = DATASETS[self.data.name].augment is not None
-        else:
-            augmented = augment is True or (
-                augment is not False and (augment.crop_padding > 0 or augment.flip)
-            )
-        if augmented:
+        if self.data.training_augment() is not None:
             raise ValueError(
                 "performance.cache_teacher: the training images are augmented, so the "
                 "teacher sees a new image every epoch; set data.augment: false or turn "

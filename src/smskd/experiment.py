@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from smskd import distributed
 from smskd.checkpoint import export_weights, load_weights, move_checkpoint
 from smskd.config import (
-    AugmentConfig,
     DataConfig,
     ModelSpec,
     RunConfig,
@@ -58,16 +57,6 @@ class Data:
     num_train: int
 
 
-def _augment(setting: AugmentConfig | bool | None, default: Augment | None) -> Augment | None:
-    if setting is None:
-        return default
-    if setting is False:
-        return None
-    if setting is True:
-        return default or Augment()
-    return Augment(setting.crop_padding, setting.flip)
-
-
 def prepare_data(
     cfg: DataConfig, seed: int, device: torch.device, rank: int = 0, world_size: int = 1
 ) -> Data:
@@ -79,7 +68,7 @@ def prepare_data(
             raise UserError(f"dataset {cfg.name!r} cannot be downloaded; pass data.root")
         root = str(download(cfg.name, root or entry.download_root()))
     source = load_dataset(cfg.name, root, **cfg.options)
-    augment = _augment(cfg.augment, entry.augment)
+    augment = cfg.training_augment()
     if isinstance(source, ImageFolderSource):
         return _folder_loaders(cfg, source, augment, seed, rank, world_size)
     train_split = source.train
