@@ -67,6 +67,6 @@ class Acceleration:
         return torch.amp.GradScaler(self.device_type)
 
 
-def as_float(value: Tensor) -> Tensor:
-    """fp32 for the losses; free for what is fp32 already (the same tensor)."""
+def as_float(value: Tensor | None) -> Tensor | None:
+    """fp32 for the losses; free for what is fp32 already (the same tensor); None stays."""
     return value.float() if isinstance(value, Tensor) and value.is_floating_point() else value

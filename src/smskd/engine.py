@@ -86,7 +86,7 @@ def forward_outputs(models: StageModels, x: Tensor, y: Tensor, index: Tensor | N
     student_features = dict(models.student_taps.features) if models.student_taps else {}
     return Outputs(
         student_logits=as_float(student_logits),
-        teacher_logits=as_float(teacher_logits) if teacher_logits is not None else None,  # type: ignore[arg-type]
+        teacher_logits=as_float(teacher_logits),  # type: ignore[arg-type]
         labels=y,
         student_features={k: as_float(v) for k, v in student_features.items()},
         teacher_features={k: as_float(v) for k, v in teacher_features.items()},
@@ -119,6 +119,8 @@ def step_loss(
     models: StageModels, objective: StageObjective, x: Tensor, y: Tensor, index: Tensor | None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The stage's total loss for one batch and its detached terms (for logging)."""
+    run = models.acceleration
+    x = run.inputs(x)  # once: forward_outputs' own call is then free
     out = forward_outputs(models, x, y, index)
     terms: dict[str, Tensor] = {}
     total = out.student_logits.new_zeros((), dtype=torch.float32)
@@ -131,10 +133,9 @@ def step_loss(
         terms[method.name] = value
         total = total + weight * value
     if models.reference is not None:
-        run = models.acceleration
         with run.autocast():
             reference_logits, _ = frozen_outputs(
-                models.reference, None, models.reference_cache, run.inputs(x), index
+                models.reference, None, models.reference_cache, x, index
             )
         terms["reference"], weights = reference_term(
             objective.reference, out.student_logits, reference_logits, out.teacher_logits, y

@@ -59,23 +59,23 @@ def cache_outputs(
         )
     try:
         batches: Iterable[tuple[Tensor, Tensor]] = every_sample(batch_size)
-        total = len(loader.labels)  # type: ignore[attr-defined]
-        cache: CachedOutputs | None = None
-        model.eval()
-        with torch.no_grad():
-            for x, index in batches:
-                with acceleration.autocast():
-                    logits = model(acceleration.inputs(x))
-                features = dict(taps.features) if taps is not None else {}
-                if cache is None:
-                    cache = _allocate(logits, features, total, max_bytes, what)
-                cache.logits[index] = logits
-                for name, value in features.items():
-                    cache.features[name][index] = value
     except ValueError as err:  # an augmented loader
         raise UserError(
             f"performance.cache_teacher: {err}; set data.augment: false or turn the cache off"
         ) from None
+    total = len(loader.labels)  # type: ignore[attr-defined]
+    cache: CachedOutputs | None = None
+    model.eval()
+    with torch.no_grad():
+        for x, index in batches:
+            with acceleration.autocast():
+                logits = model(acceleration.inputs(x))
+            features = dict(taps.features) if taps is not None else {}
+            if cache is None:
+                cache = _allocate(logits, features, total, max_bytes, what)
+            cache.logits[index] = logits
+            for name, value in features.items():
+                cache.features[name][index] = value
     if cache is None:
         raise UserError("the training data has no samples to cache outputs for")
     return cache

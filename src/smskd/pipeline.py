@@ -564,16 +564,24 @@ class _Run:
         assert self.cache_bytes is not None
         started = time.perf_counter()
         budget = self.cache_bytes
-        for role in ("teacher", "reference"):
-            model = getattr(models, role)
-            if model is None:
-                continue
-            taps = models.teacher_taps if role == "teacher" else None
-            cache = cache_outputs(
-                model, taps, self.train_data, self.acceleration, max_bytes=budget, what=role
+        if models.teacher is not None:
+            models.teacher_cache = cache_outputs(
+                models.teacher,
+                models.teacher_taps,
+                self.train_data,
+                self.acceleration,
+                max_bytes=budget,
             )
-            budget -= cache.nbytes
-            setattr(models, f"{role}_cache", cache)
+            budget -= models.teacher_cache.nbytes
+        if models.reference is not None:
+            models.reference_cache = cache_outputs(
+                models.reference,
+                None,
+                self.train_data,
+                self.acceleration,
+                max_bytes=budget,
+                what="reference",
+            )
         cached = [c for c in (models.teacher_cache, models.reference_cache) if c is not None]
         if cached:
             self.log(

@@ -163,8 +163,11 @@ class InMemoryLoader:
     def every_sample(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """``(x, index)`` over the whole split in order, on every rank: what a cache
         of per-sample outputs needs. Only for loaders whose images never change."""
-        if self.augment is not None:
+        if self.augment is not None:  # refused at the call, not at the first batch
             raise ValueError("an augmented loader gives new images every epoch")
+        return self._every_sample(batch_size)
+
+    def _every_sample(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         for start in range(0, len(self.labels), batch_size):
             index = torch.arange(start, min(start + batch_size, len(self.labels)))
             index = index.to(self.device)
