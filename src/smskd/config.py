@@ -47,7 +47,7 @@ class MethodSpec(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     name: str
-    weight: float | None = Field(default=None, ge=0)
+    weight: float | None = Field(default=None, ge=0, description="β (default: the method's own)")
 
     _wrap = model_validator(mode="before")(_name_shorthand)
 
@@ -89,10 +89,10 @@ class Stage(_Strict):
     the frozen reference (see :class:`ReferenceConfig`).
     """
 
-    name: str | None = None
+    name: str | None = Field(default=None, description="label in logs (default: method names)")
     methods: list[MethodSpec] = Field(default_factory=list)
     epochs: int = Field(gt=0)
-    ce_weight: float = Field(default=1.0, ge=0)
+    ce_weight: float = Field(default=1.0, ge=0, description="weight of the task loss CE(s, y)")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
@@ -122,10 +122,12 @@ class ReferenceConfig(_Strict):
     """
 
     weighting: Literal["inverse_tcp", "tcp", "fixed", "none"] = "inverse_tcp"
-    lam: float = Field(default=1.0, ge=0)
-    temperature: float = Field(default=4.0, gt=0)
+    lam: float = Field(default=1.0, ge=0, description="λ, the weight's scale")
+    temperature: float = Field(default=4.0, gt=0, description="τ of the reference KL")
     tcp_temperature: float = Field(default=1.0, gt=0)
-    loss: Literal["kl", "mse_logits"] = "kl"
+    loss: Literal["kl", "mse_logits"] = Field(
+        default="kl", description="τ²·KL(softmax(r/τ) ‖ softmax(s/τ)) or MSE of the logits"
+    )
 
     @property
     def needs_teacher(self) -> bool:
@@ -256,6 +258,64 @@ class PerformanceConfig(_Strict):
     cache_max_gib: float = Field(default=4.0, gt=0)
 
 
+# The import each tracking backend needs, and the extra that installs it.
+TRACKING_PACKAGES = {
+    "tensorboard": (("tensorboard",), "smskd[tensorboard]"),
+    "mlflow": (("mlflow",), "smskd[mlflow]"),
+}
+
+
+class TrackingConfig(_Strict):
+    """Where a run's numbers go besides ``metrics.jsonl``, ``metrics.csv`` and
+    ``steps.csv``, which are always written.
+
+    ``backends``: ``tensorboard`` (event files in ``RUN_DIR/tensorboard``) and/or
+    ``mlflow`` (one MLflow run per training run). ``every_steps``: the per-step loss
+    terms are averaged over this many steps per logged point (1 logs every step;
+    one host synchronization per point). ``mlflow_uri``: the tracking store; by
+    default ``$MLFLOW_TRACKING_URI``, else a local SQLite store ``mlflow.db`` in the
+    outermost run directory (a sweep's runs share one). A bare list is shorthand:
+    ``tracking: [tensorboard, mlflow]``.
+    """
+
+    backends: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
+    every_steps: int = Field(default=10, gt=0)
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = Field(default="smskd", min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_shorthand(cls, value: Any) -> Any:
+        return {"backends": value} if isinstance(value, (list, tuple)) else value
+
+    @field_validator("backends")
+    @classmethod
+    def _once_each(cls, backends: list[str]) -> list[str]:
+        return list(dict.fromkeys(backends))
+
+    def mlflow_store_uri(self, root: str | Path) -> str:
+        """The MLflow store: the config's, else the environment's, else ``ROOT/mlflow.db``."""
+        import os
+
+        uri = self.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return uri or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+    def check_installed(self) -> None:
+        """Refuse a backend whose package is missing, before any training."""
+        import importlib.util
+
+        for backend in self.backends:
+            modules, extra = TRACKING_PACKAGES[backend]
+            if backend == "mlflow" and self.mlflow_store_uri("").startswith("sqlite:"):
+                modules = (*modules, "sqlalchemy", "alembic")
+            missing = [m for m in modules if importlib.util.find_spec(m) is None]
+            if missing:
+                raise UserError(
+                    f"tracking: {backend} needs {', '.join(missing)}, which is not "
+                    f"installed; pip install '{extra}' or remove {backend} from tracking"
+                )
+
+
 class TeacherConfig(_Strict):
     """The teacher: loaded from ``checkpoint``, or trained from scratch when it is null."""
 
@@ -272,6 +332,8 @@ class TeacherConfig(_Strict):
 
 
 class StudentConfig(_Strict):
+    """The student: initialized from ``checkpoint`` when given, else from scratch."""
+
     model: ModelSpec
     checkpoint: str | None = None
 
@@ -284,21 +346,29 @@ class RunConfig(_Strict):
     response-based methods, which read logits alone, can use it.
     """
 
-    seed: int = Field(default=0, ge=0, lt=2**32)
-    device: str = "auto"
+    seed: int = Field(default=0, ge=0, lt=2**32, description="seeds init, data order, augmentation")
+    device: str = Field(default="auto", description="`auto` (CUDA if present), `cpu`, `cuda:1`…")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
     extra_teachers: list[TeacherConfig] = Field(default_factory=list)
     student: StudentConfig
     stages: list[Stage] = Field(min_length=1)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
-    # A checkpoint after every epoch always; also every N training steps when set.
-    checkpoint_every_steps: int | None = Field(default=None, gt=0)
-    # NaN/Inf loss: stop the run naming stage/epoch/step, or skip the batch and count it.
-    nonfinite: Literal["stop", "skip"] = "stop"
-    # Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm).
-    sync_batchnorm: bool = False
+    checkpoint_every_steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="a checkpoint every N steps too (one after every epoch is always written)",
+    )
+    nonfinite: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="a NaN/Inf loss stops the run (naming stage, epoch, step) or skips the batch",
+    )
+    sync_batchnorm: bool = Field(
+        default=False,
+        description="under torchrun: BatchNorm statistics over the global batch (GPUs only)",
+    )
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:

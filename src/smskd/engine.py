@@ -145,6 +145,9 @@ def step_loss(
         terms["ref_weight_sq_mean"] = weights.pow(2).mean()
         terms["ref_weight_hist"] = weight_histogram(weights, objective.reference.lam)
     terms["loss"] = total
+    # Running accuracy on the training batches as they were trained on (augmented,
+    # train-mode BN): the usual "train acc" of a training log, at no extra forward.
+    terms["acc"] = (out.student_logits.argmax(dim=1) == y).float().mean() * 100
     return total, {k: v.detach() for k, v in terms.items()}
 
 

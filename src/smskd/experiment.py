@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -192,9 +193,11 @@ def train_teacher(
     force: bool = False,
     progress: bool = True,
     export_safetensors: bool = False,
+    tracking_root: str | Path | None = None,
 ) -> RunResult:
     """Train ``cfg.teacher.model`` on labels alone; weights land in ``OUT/teacher.pt``
-    (and ``OUT/teacher.safetensors`` with ``export_safetensors``)."""
+    (and ``OUT/teacher.safetensors`` with ``export_safetensors``). ``tracking_root``:
+    where the default MLflow store lives (default ``out_dir``)."""
     if cfg.teacher is None:
         raise UserError("config has no 'teacher:' section to train")
     out = Path(out_dir)
@@ -223,6 +226,7 @@ def train_teacher(
             checkpoint_every_steps=cfg.checkpoint_every_steps,
             nonfinite=cfg.nonfinite,
             performance=cfg.performance,
+            **_tracking(teacher_cfg, tracking_root or out),
         )
         if dist.is_main:
             move_checkpoint(out / "student.pt", out / TEACHER_WEIGHTS)
@@ -233,7 +237,13 @@ def train_teacher(
 
 
 def resolve_teacher(
-    cfg: RunConfig, out_dir: str | Path, *, resume: bool, force: bool, progress: bool
+    cfg: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool,
+    force: bool,
+    progress: bool,
+    tracking_root: str | Path | None = None,
 ) -> RunConfig:
     """Fill every teacher's ``checkpoint``, training those without one first: the
     teacher into ``OUT/teacher``, extra teachers into ``OUT/teacher-2``, ``-3``..."""
@@ -244,7 +254,14 @@ def resolve_teacher(
             weights = teacher_dir / TEACHER_WEIGHTS
             if not (weights.exists() and resume):
                 alone = cfg.model_copy(update={"teacher": teacher, "extra_teachers": []})
-                train_teacher(alone, teacher_dir, resume=resume, force=force, progress=progress)
+                train_teacher(
+                    alone,
+                    teacher_dir,
+                    resume=resume,
+                    force=force,
+                    progress=progress,
+                    tracking_root=tracking_root or out_dir,
+                )
             teacher = teacher.model_copy(update={"checkpoint": str(weights)})
         resolved.append(teacher)
     if not resolved:
@@ -289,11 +306,14 @@ def distill(
     progress: bool = True,
     name: str = "student",
     export_safetensors: bool = False,
+    tracking_root: str | Path | None = None,
 ) -> RunResult:
     """Run ``cfg.stages`` into ``out_dir`` (training the teacher first if none is given).
 
     ``OUT/.lock`` is held throughout: a second run into ``out_dir`` is refused.
     With ``export_safetensors``, the weights are also written as ``student.safetensors``.
+    ``tracking_root``: where the default MLflow store lives (default ``out_dir``; a
+    sweep passes its own directory, so its runs share one store).
     """
     out = Path(out_dir)
     check_run(cfg)
@@ -305,7 +325,14 @@ def distill(
         if force and dist.is_main:
             _clear_run_dir(out)
         distributed.barrier()
-        cfg = resolve_teacher(cfg, out, resume=resume, force=False, progress=progress)
+        cfg = resolve_teacher(
+            cfg,
+            out,
+            resume=resume,
+            force=False,
+            progress=progress,
+            tracking_root=tracking_root or out,
+        )
         _claim_run_dir(out, cfg.to_yaml(), resume, force=False)
         data = prepare_data(cfg.data, cfg.seed, device, dist.rank, dist.world_size)
         student, teacher = _models(cfg, data)
@@ -327,11 +354,21 @@ def distill(
             checkpoint_every_steps=cfg.checkpoint_every_steps,
             nonfinite=cfg.nonfinite,
             performance=cfg.performance,
+            **_tracking(cfg, tracking_root or out),
         )
         if export_safetensors and dist.is_main:
             export_weights(out / "student.pt", out / "student.safetensors")
         distributed.barrier()
     return result
+
+
+def _tracking(cfg: RunConfig, root: str | Path) -> dict[str, Any]:
+    """run_stages' tracking arguments: the config's, with the MLflow store resolved
+    against ``root``, and the whole resolved config as hyper-parameters."""
+    tracking = cfg.tracking
+    if "mlflow" in tracking.backends:
+        tracking = tracking.model_copy(update={"mlflow_uri": tracking.mlflow_store_uri(root)})
+    return {"tracking": tracking, "hparams": cfg.model_dump(mode="json")}
 
 
 def evaluate_checkpoint(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from smskd.config import (
     ReferenceConfig,
     ScheduleConfig,
     Stage,
+    TrackingConfig,
 )
 from smskd.engine import (
     EpochProgress,
@@ -59,7 +60,7 @@ from smskd.methods.registry import build_method
 from smskd.output_cache import cache_outputs
 from smskd.reference import make_reference
 from smskd.taps import FeatureTaps, layout_of
-from smskd.tracking import MetricsLog
+from smskd.tracking import MetricsLog, RunTracker
 
 CHECKPOINT_FORMAT = 1
 
@@ -287,6 +288,8 @@ def run_stages(
     checkpoint_every_steps: int | None = None,
     nonfinite: str = "stop",
     performance: PerformanceConfig | None = None,
+    tracking: TrackingConfig | Sequence[str] | None = None,
+    hparams: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Train ``student`` through ``stages``; return it with its per-epoch history.
 
@@ -299,7 +302,10 @@ def run_stages(
     at a NaN/Inf loss naming stage, epoch and step (keeping the last good
     checkpoint); ``"skip"`` leaves such batches out and counts them.
     ``performance`` sets mixed precision, channels_last, ``torch.compile`` and the
-    teacher-output cache (:class:`~smskd.config.PerformanceConfig`).
+    teacher-output cache (:class:`~smskd.config.PerformanceConfig`). ``tracking``
+    adds TensorBoard / MLflow to the CSV and JSONL logs (``["tensorboard", "mlflow"]``
+    or a :class:`~smskd.config.TrackingConfig`; they need ``out_dir``), with
+    ``hparams`` as the run's hyper-parameters (default: seed, stages and reference).
     """
     if not stages:
         raise UserError("the stage list is empty: give at least one Stage")
@@ -311,6 +317,19 @@ def run_stages(
             f"reference weighting {reference_cfg.weighting!r} reads the teacher's true-class "
             "probability, but no teacher was given; pass a teacher or use weighting 'fixed'"
         )
+    if not isinstance(tracking, TrackingConfig):  # ["tensorboard"], as in a config file
+        tracking = TrackingConfig.model_validate(tracking or [])
+    if tracking.backends and out_dir is None:
+        raise UserError(
+            f"tracking {tracking.backends} writes into the run directory; pass out_dir"
+        )
+    tracking.check_installed()
+    if hparams is None:
+        hparams = {
+            "seed": seed,
+            "stages": [s.model_dump(mode="json") for s in stages],
+            "reference": reference_cfg.model_dump(mode="json"),
+        }
     device = resolve_device(device)
     performance = performance or PerformanceConfig()
     acceleration = Acceleration.of(performance, device)
@@ -335,6 +354,8 @@ def run_stages(
         nonfinite,
         acceleration,
         performance.cache_max_gib * 2**30 if performance.cache_teacher else None,
+        tracking,
+        dict(hparams),
     )
     return run.execute(resume, progress)
 
@@ -358,6 +379,8 @@ class _Run:
     nonfinite: str
     acceleration: Acceleration
     cache_bytes: float | None  # the teacher-output cache's limit; None: no cache
+    tracking: TrackingConfig
+    hparams: dict[str, Any]
 
     def execute(self, resume: bool, progress: bool) -> RunResult:
         self.dist = distributed.current()
@@ -371,6 +394,7 @@ class _Run:
         self.checkpoints = self.out / "checkpoints" if self.out is not None else None
         self.metrics = MetricsLog(self.out / "metrics.jsonl" if self.writes else None)
         state = self._resume_state() if resume else None
+        resume_step = state.get("global_step", 0) if state else 0
         start_stage, start_epoch = (state["stage"], state["epoch"]) if state else (0, 0)
         if state is not None and start_epoch >= self.stages[start_stage].epochs:
             start_stage, start_epoch, state = start_stage + 1, 0, None  # stage was complete
@@ -381,20 +405,39 @@ class _Run:
             )
         self.global_epoch = sum(s.epochs for s in self.stages[:start_stage]) + start_epoch
         self.metrics.keep_until(self.global_epoch)
+        self.tracker = self._tracker(resume_step, resume)
         steps = len(self.train_data) if hasattr(self.train_data, "__len__") else None  # type: ignore[arg-type]
         remaining = sum(s.epochs for s in self.stages) - self.global_epoch
         self.bar = _Progress(self.name, steps * remaining if steps else None, progress)
         started = time.perf_counter()
+        status = "FAILED"
         try:
             with StopRequest() as self.stop:
                 for k in range(start_stage, len(self.stages)):
                     self._stage(k, start_epoch if k == start_stage else 0, state)
                     state = None
+            status = "FINISHED"
+        except (RunStopped, KeyboardInterrupt):
+            status = "KILLED"
+            raise
         finally:
             self.bar.close()
+            self.tracker.close(status)
         if self.writes:
             atomic_save(self.student.state_dict(), self.out / "student.pt")
         return RunResult(self.student, list(self.metrics.records), time.perf_counter() - started)
+
+    def _tracker(self, resume_step: int, resume: bool) -> RunTracker:
+        if not self.writes:  # other ranks, and runs without a directory, log nothing
+            return RunTracker(TrackingConfig(every_steps=self.tracking.every_steps), None)
+        return RunTracker(
+            self.tracking,
+            self.out,
+            name=self.name,
+            hparams=self.hparams,
+            resume_step=resume_step,
+            resume=resume,
+        )
 
     def _resume_state(self) -> dict[str, Any] | None:
         if self.checkpoints is None or not has_checkpoint(self.checkpoints):
@@ -492,8 +535,13 @@ class _Run:
         for method in parts.methods:
             method.start_epoch(epoch, stage.epochs)
         lr = parts.optimizer.param_groups[0]["lr"]
+        self.tracker.start_epoch(k + 1, stage.label, epoch + 1, lr, first=epoch == 0)
         started = time.perf_counter()
         where = f"stage {k + 1} ({stage.label}), epoch {epoch + 1}"
+
+        def on_step(terms: dict[str, torch.Tensor]) -> None:
+            self.bar.step(terms)
+            self.tracker.step(terms)
 
         def after_step(progress: EpochProgress) -> None:
             periodic = self.every_steps is not None and progress.steps % self.every_steps == 0
@@ -522,7 +570,7 @@ class _Run:
                 self.train_data,
                 parts.optimizer,
                 self.device,
-                self.bar.step,
+                on_step,
                 progress=partial,
                 after_step=after_step,
                 nonfinite=self.nonfinite,
@@ -546,6 +594,7 @@ class _Run:
         }
         # Metrics first: a resume drops records past its checkpoint, never misses one.
         self.metrics.log(record)
+        self.tracker.end_epoch(record)
         if self.writes:
             if epoch + 1 == stage.epochs:
                 # Before last.pt: a resume in stage k+2 rebuilds its reference from it.
@@ -606,6 +655,7 @@ class _Run:
             "stage": parts.index,
             "epoch": epoch,
             "step": progress.steps if progress else 0,
+            "global_step": self.tracker.global_step,
             "skipped": progress.skipped if progress else 0,
             "sums": {key: v.cpu() for key, v in progress.sums.items()} if progress else {},
             "student": self.student.state_dict(),

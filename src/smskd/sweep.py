@@ -329,7 +329,9 @@ class Sweep:
         weights = teacher_dir / TEACHER_WEIGHTS
         if not weights.exists():
             self.log(f"training teacher {teacher.model.label} into {teacher_dir}")
-            train_teacher(trainer, teacher_dir, resume=True, progress=self.progress)
+            train_teacher(
+                trainer, teacher_dir, resume=True, progress=self.progress, tracking_root=self.out
+            )
         if str(teacher_dir) not in self.teachers:
             records = MetricsLog(teacher_dir / "metrics.jsonl").records
             self.teachers[str(teacher_dir)] = {
@@ -389,7 +391,14 @@ class Sweep:
                 self.commits.append(self.commit)
             started = time.perf_counter()
             try:
-                result = distill(cfg, run.dir, resume=True, progress=self.progress, name=run.label)
+                result = distill(
+                    cfg,
+                    run.dir,
+                    resume=True,
+                    progress=self.progress,
+                    name=run.label,
+                    tracking_root=self.out,
+                )
             except UserError as err:
                 run.status, run.error = "failed", str(err)
                 self.log(f"{tag}: FAILED: {err}")
