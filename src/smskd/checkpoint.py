@@ -213,6 +213,15 @@ def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None], keep_prev
     _fsync_dir(path.parent)
 
 
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """``data`` to ``path`` atomically, with a ``.sha256`` sidecar; readable by others
+    (the temporary file is private), as a file meant to be shipped should be."""
+    _atomic_write(path, lambda handle: handle.write(data), keep_previous=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    Path(path).chmod(0o666 & ~umask)
+
+
 def atomic_save(obj: Any, path: str | Path, *, keep_previous: bool = False) -> None:
     """``torch.save`` to ``path`` atomically, with a ``.sha256`` sidecar (see the module doc).
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+from smskd import __version__
 from smskd.errors import UserError
 from smskd.interrupt import RunStopped
 
@@ -18,10 +23,20 @@ EXAMPLES = {
     "sweep": "smskd sweep configs/sweeps/fashion-mnist.yaml --out results/fashion-mnist",
     "report": "smskd report results/fashion-mnist",
     "eval": "smskd eval runs/quickstart/smskd/student.pt",
+    "export": "smskd export runs/quickstart/smskd --format onnx --out student.onnx",
     "methods": "smskd methods --format json",
     "models": "smskd models",
     "datasets": "smskd datasets",
+    "completion": 'eval "$(smskd completion bash)"   # in ~/.bashrc',
 }
+
+
+@dataclasses.dataclass
+class Output:
+    """What a command reports: ``text`` for people, ``data`` for ``--json``."""
+
+    text: str
+    data: Any
 
 
 def _table(rows: list[dict[str, object]], columns: list[str]) -> str:
@@ -34,27 +49,27 @@ def _table(rows: list[dict[str, object]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _print_rows(rows: list[dict[str, object]], columns: list[str], fmt: str) -> None:
-    print(json.dumps(rows, indent=2) if fmt == "json" else _table(rows, columns))
+def _rows(rows: list[dict[str, object]], columns: list[str]) -> Output:
+    return Output(_table(rows, columns), rows)
 
 
-def _say(message: str) -> None:
-    """Print once per job: on rank 0 under torchrun."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message)
+def _progress(args: argparse.Namespace) -> bool:
+    return not (args.no_progress or args.quiet or args.json)
 
 
-def cmd_quickstart(args: argparse.Namespace) -> None:
+def cmd_quickstart(args: argparse.Namespace) -> Output:
     from smskd.quickstart import run_quickstart
 
-    run_quickstart(
+    rows = run_quickstart(
         args.out,
         teacher_epochs=args.teacher_epochs,
         stage_epochs=args.stage_epochs,
         seed=args.seed,
         force=args.force,
-        progress=not args.no_progress,
+        progress=_progress(args),
     )
+    # The table was printed as the run's last log lines; here only the data remains.
+    return Output("", {"out": args.out, "recipes": [dataclasses.asdict(r) for r in rows]})
 
 
 def _load(args: argparse.Namespace):
@@ -64,7 +79,17 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, [*args.set, *download])
 
 
-def cmd_train_teacher(args: argparse.Namespace) -> None:
+def _run_summary(result: Any, weights: Path) -> dict[str, Any]:
+    return {
+        "final_acc": result.final_accuracy,
+        "best_acc": result.best_accuracy,
+        "epochs": len(result.history),
+        "wall_time": result.wall_time,
+        "weights": str(weights),
+    }
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> Output:
     from smskd.experiment import TEACHER_WEIGHTS, train_teacher
 
     result = train_teacher(
@@ -72,13 +97,17 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
         args.out,
         resume=args.resume,
         force=args.force,
-        progress=not args.no_progress,
+        progress=_progress(args),
         export_safetensors=args.safetensors,
     )
-    _say(f"teacher test acc {result.final_accuracy:.2f}%; weights: {args.out}/{TEACHER_WEIGHTS}")
+    weights = Path(args.out) / TEACHER_WEIGHTS
+    return Output(
+        f"teacher test acc {result.final_accuracy:.2f}%; weights: {weights}",
+        _run_summary(result, weights),
+    )
 
 
-def cmd_distill(args: argparse.Namespace) -> None:
+def cmd_distill(args: argparse.Namespace) -> Output:
     from smskd.experiment import distill
 
     result = distill(
@@ -86,16 +115,18 @@ def cmd_distill(args: argparse.Namespace) -> None:
         args.out,
         resume=args.resume,
         force=args.force,
-        progress=not args.no_progress,
+        progress=_progress(args),
         export_safetensors=args.safetensors,
     )
-    _say(
+    weights = Path(args.out) / "student.pt"
+    return Output(
         f"student test acc {result.final_accuracy:.2f}% (last epoch), "
-        f"{result.best_accuracy:.2f}% (best epoch); weights: {args.out}/student.pt"
+        f"{result.best_accuracy:.2f}% (best epoch); weights: {weights}",
+        _run_summary(result, weights),
     )
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def cmd_sweep(args: argparse.Namespace) -> Output:
     from smskd.sweep import load_sweep, plan, run_sweep, select
 
     seeds = args.seeds
@@ -113,39 +144,54 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             }
             for r in runs
         ]
-        _print_rows(rows, ["label", "seed", "group", "stages", "dir"], args.format)
-        return
-    run_sweep(args.sweep, args.out, overrides=args.set, seeds=seeds, progress=not args.no_progress)
-    if not args.no_report:
-        from smskd.report import write_sweep_report
-
-        _say(f"report: {write_sweep_report(args.out)}")
-
-
-def cmd_report(args: argparse.Namespace) -> None:
+        return _rows(rows, ["label", "seed", "group", "stages", "dir"])
+    run_sweep(args.sweep, args.out, overrides=args.set, seeds=seeds, progress=_progress(args))
+    data: dict[str, Any] = {"out": args.out, "index": str(Path(args.out) / "index.json")}
+    if args.no_report:
+        return Output(f"sweep done: {args.out}", data)
     from smskd.report import write_sweep_report
 
-    print(f"report: {write_sweep_report(args.runs_dir, plots=not args.no_plots)}")
+    data["report"] = str(write_sweep_report(args.out))
+    return Output(f"report: {data['report']}", data)
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+def cmd_report(args: argparse.Namespace) -> Output:
+    from smskd.report import write_sweep_report
+
+    report = write_sweep_report(args.runs_dir, plots=not args.no_plots)
+    return Output(f"report: {report}", {"report": str(report)})
+
+
+def cmd_eval(args: argparse.Namespace) -> Output:
     from smskd.experiment import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.root, args.device)
-    print(f"test acc {metrics['acc']:.2f}%  test loss {metrics['loss']:.4f}")
+    return Output(f"test acc {metrics['acc']:.2f}%  test loss {metrics['loss']:.4f}", metrics)
 
 
-def cmd_methods(args: argparse.Namespace) -> None:
+def cmd_export(args: argparse.Namespace) -> Output:
+    from smskd.export import export_student
+
+    result = export_student(
+        args.run_dir,
+        args.format,
+        args.out,
+        check=not args.no_check,
+        opset=args.opset,
+        input_shape=args.input_shape,
+    )
+    return Output(result.summary(), dataclasses.asdict(result))
+
+
+def cmd_methods(args: argparse.Namespace) -> Output:
     from smskd.methods.registry import describe_methods
 
-    _print_rows(
-        describe_methods(),
-        ["name", "family", "taps", "helpers", "default_weight", "citation"],
-        args.format,
+    return _rows(
+        describe_methods(), ["name", "family", "taps", "helpers", "default_weight", "citation"]
     )
 
 
-def cmd_models(args: argparse.Namespace) -> None:
+def cmd_models(args: argparse.Namespace) -> Output:
     from smskd.models.registry import MODELS, build_model, parameter_count
 
     rows = [
@@ -156,17 +202,24 @@ def cmd_models(args: argparse.Namespace) -> None:
         }
         for name, entry in MODELS.items()
     ]
-    _print_rows(rows, ["name", "params", "description"], args.format)
+    return _rows(rows, ["name", "params", "description"])
 
 
-def cmd_datasets(args: argparse.Namespace) -> None:
+def cmd_datasets(args: argparse.Namespace) -> Output:
     from smskd.data.registry import DATASETS
 
     rows = [
         {"name": name, "description": e.description, "location": e.location}
         for name, e in DATASETS.items()
     ]
-    _print_rows(rows, ["name", "description", "location"], args.format)
+    return _rows(rows, ["name", "description", "location"])
+
+
+def cmd_completion(args: argparse.Namespace) -> Output:
+    from smskd.completion import completion_script
+
+    script = completion_script(_parser(), args.shell)
+    return Output(script, {"shell": args.shell, "script": script})
 
 
 def _seed_list(text: str) -> list[int]:
@@ -181,13 +234,35 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not C,H,W, e.g. 3,32,32")
+    return shape  # type: ignore[return-value]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smskd",
         description="Sequential multi-stage knowledge distillation (SMSKD).",
-        epilog="Start with: smskd quickstart",
+        epilog="Start with: smskd quickstart.  Help on a command: smskd COMMAND --help",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # On every command, after its name: `smskd distill cfg.yaml --out o --json`.
+    output = argparse.ArgumentParser(add_help=False)
+    modes = output.add_argument_group("output")
+    modes.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress or log lines; errors only"
+    )
+    modes.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as one JSON object (logs go to stderr, no progress bar)",
+    )
 
     def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(
@@ -196,6 +271,7 @@ def _parser() -> argparse.ArgumentParser:
             description=help_text,
             epilog=f"example: {EXAMPLES[name]}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[output],
         )
         p.set_defaults(handler=handler)
         return p
@@ -290,7 +366,7 @@ def _parser() -> argparse.ArgumentParser:
         "'vgg19-resnet18/*' (repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="list the runs; train nothing")
-    p.add_argument("--format", choices=["table", "json"], default="table", help="for --dry-run")
+    p.add_argument("--format", choices=["table", "json"], default="table", help="= --json")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -310,23 +386,76 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (default: from the run's config.yaml)")
     p.add_argument("--device", default="auto")
 
+    p = command(
+        "export",
+        cmd_export,
+        "Write a finished run's student alone as ONNX, safetensors or TorchScript; "
+        "the ONNX and TorchScript files are run once and compared with PyTorch.",
+    )
+    p.add_argument("run_dir", help="a run directory holding config.yaml and student.pt")
+    p.add_argument("--format", required=True, choices=["onnx", "safetensors", "torchscript"])
+    p.add_argument("--out", required=True, help="file to write, e.g. student.onnx")
+    p.add_argument(
+        "--no-check", action="store_true", help="skip running the exported file against PyTorch"
+    )
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="C,H,W",
+        help="example input shape, when the run's dataset is not on this machine",
+    )
+
     for name, handler, text in (
         ("methods", cmd_methods, "List the KD methods."),
         ("models", cmd_models, "List the model zoo with parameter counts."),
         ("datasets", cmd_datasets, "List the datasets and where each looks for files."),
     ):
         p = command(name, handler, text)
-        p.add_argument("--format", choices=["table", "json"], default="table")
+        p.add_argument("--format", choices=["table", "json"], default="table", help="= --json")
         if name == "models":
             p.add_argument("--num-classes", type=int, default=10)
             p.add_argument("--in-channels", type=int, default=3)
+
+    p = command(
+        "completion",
+        cmd_completion,
+        "Print a shell completion script for commands and options (bash or zsh).",
+    )
+    p.add_argument("shell", choices=["bash", "zsh"])
     return parser
+
+
+def _version() -> str:
+    import platform
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:  # the version must print even where torch is broken
+        torch_version = "not installed"
+    return f"smskd {__version__} (torch {torch_version}, Python {platform.python_version()})"
+
+
+class _Style:
+    """ANSI colour on a terminal only, and never with NO_COLOR set (no-color.org)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.on = stream.isatty() and not os.environ.get("NO_COLOR") and os.name != "nt"
+
+    def __call__(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.on else text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.json = args.json or getattr(args, "format", None) == "json"
     try:
         return _run(args, argv)
+    except BrokenPipeError:  # `smskd methods | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         # Under torchrun, leave the process group cleanly (imported only if a run used it).
         if "smskd.distributed" in sys.modules:
@@ -334,22 +463,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    red = _Style(sys.stderr)
+    # The library's log lines go to stdout; a script reading --json output must get
+    # the JSON alone there, and --quiet wants none of them.
+    chatter = open(os.devnull, "w") if args.quiet else sys.stderr  # noqa: SIM115
     try:
-        args.handler(args)
+        with contextlib.ExitStack() as stack:
+            if args.quiet or args.json:
+                stack.enter_context(contextlib.redirect_stdout(chatter))
+                if args.quiet:
+                    stack.callback(chatter.close)
+            output = args.handler(args)
     except UserError as err:
-        print(f"smskd: error: {err}", file=sys.stderr)
+        print(f"{red('smskd: error:', '1;31')} {err}", file=sys.stderr)
         return 2
     except RunStopped as stopped:
         again = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--force"]
         # A sweep resumes by running it again; a single run needs --resume.
         resume = [] if "--resume" in again or args.command == "sweep" else ["--resume"]
         hint = " ".join(["smskd", *again, *resume])
-        print(f"smskd: {stopped}; continue with: {hint}", file=sys.stderr)
+        print(f"{red('smskd:', '1;33')} {stopped}; continue with: {hint}", file=sys.stderr)
         return stopped.exit_code
     except KeyboardInterrupt:
-        print("smskd: interrupted; continue the run with --resume", file=sys.stderr)
+        print(f"{red('smskd:', '1;33')} interrupted; continue with --resume", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return 0
+    if args.json:
+        print(json.dumps(output.data, indent=2, default=str))
+    elif output.text and not (args.quiet and args.command in _TRAINING):
+        bold = _Style(sys.stdout)
+        print(bold(output.text, "1") if args.command in _TRAINING else output.text)
     return 0
+
+
+# Commands whose one-line result --quiet drops too (a listing is the point of its command).
+_TRAINING = {"quickstart", "train-teacher", "distill", "sweep", "report"}
 
 
 if __name__ == "__main__":
