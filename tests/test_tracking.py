@@ -309,6 +309,8 @@ def test_mlflow_run_holds_params_metrics_and_continues_after_resume(
     }
     reference = client.get_metric_history(run_id, "step/reference")
     assert min(m.step for m in reference) == 10 and max(m.step for m in reference) == 16
+    assert run.data.tags["smskd.stage1"] == "kd, from step 1"
+    assert run.data.tags["smskd.stage2"] == "rkd, from step 9"
     assert client.get_metric_history(run_id, "step/lr")[-1].value == pytest.approx(
         result.history[-1]["lr"]
     )

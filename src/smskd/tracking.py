@@ -111,8 +111,8 @@ class _TensorBoard:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
 
-    def text(self, tag: str, text: str, step: int) -> None:
-        self.writer.add_text(tag, text, step)
+    def stage_started(self, stage: int, label: str, step: int) -> None:
+        self.writer.add_text("stage", f"stage {stage}: {label}", step)
 
     def close(self, status: str) -> None:
         self.writer.close()
@@ -170,8 +170,8 @@ class _MLflow:
         metrics = [Metric(k, v, stamp, step) for k, v in values.items() if math.isfinite(v)]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def text(self, tag: str, text: str, step: int) -> None:
-        self.client.set_tag(self.run_id, f"smskd.{tag}", text)
+    def stage_started(self, stage: int, label: str, step: int) -> None:
+        self.client.set_tag(self.run_id, f"smskd.stage{stage}", f"{label}, from step {step}")
 
     def close(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
@@ -227,10 +227,12 @@ class RunTracker:
         self.stage, self.epoch, self.lr = stage, epoch, lr
         if first:  # a stage boundary: marked where the stage's first step will land
             for writer in self._writers:
-                writer.text("stage", f"stage {stage}: {label}", self.global_step + 1)
+                writer.stage_started(stage, label, self.global_step + 1)
 
     def step(self, terms: Mapping[str, Tensor]) -> None:
         self.global_step += 1
+        if self._steps_table is None:  # nothing to write to: no device syncs for nothing
+            return
         for key, value in terms.items():
             if key not in _NOT_CURVES:
                 self._window.setdefault(key, []).append(value)
