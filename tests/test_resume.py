@@ -155,3 +155,20 @@ def test_nan_batches_can_be_skipped_and_are_counted(
     result = run_stages(student, live_teacher, stages(), *indexed_data, nonfinite="skip", **QUIET)
     assert [r["train_skipped_batches"] for r in result.history] == [1, 0, 0, 0]
     assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_resuming_a_finished_run_says_so(student, live_teacher, indexed_data, tmp_path):
+    run_stages(student, live_teacher, stages()[:1], *indexed_data, out_dir=tmp_path, **QUIET)
+    said: list[str] = []
+    again = run_stages(
+        student,
+        live_teacher,
+        stages()[:1],
+        *indexed_data,
+        out_dir=tmp_path,
+        resume=True,
+        progress=False,
+        log=said.append,
+    )
+    assert said == ["smskd: already complete; nothing to train"]
+    assert len(again.history) == 2  # the finished run's records, nothing retrained

@@ -8,15 +8,19 @@ result = run_stages(student, teacher, stages, train_loader, test_loader)
 from smskd.config import MethodSpec, ReferenceConfig, RunConfig, Stage, load_config
 from smskd.errors import UserError
 from smskd.experiment import distill, evaluate_checkpoint, train_teacher
+from smskd.methods.base import DistillMethod, Outputs
+from smskd.methods.registry import register_method
 from smskd.pipeline import RunResult, run_stages
 from smskd.taps import FeatureTaps, ModelLayout
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistillMethod",
     "FeatureTaps",
     "MethodSpec",
     "ModelLayout",
+    "Outputs",
     "ReferenceConfig",
     "RunConfig",
     "RunResult",
@@ -25,6 +29,7 @@ __all__ = [
     "distill",
     "evaluate_checkpoint",
     "load_config",
+    "register_method",
     "run_stages",
     "train_teacher",
 ]

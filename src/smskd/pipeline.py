@@ -398,7 +398,9 @@ class _Run:
         start_stage, start_epoch = (state["stage"], state["epoch"]) if state else (0, 0)
         if state is not None and start_epoch >= self.stages[start_stage].epochs:
             start_stage, start_epoch, state = start_stage + 1, 0, None  # stage was complete
-        if resume and (state is not None or start_stage > 0):
+        if resume and start_stage == len(self.stages):
+            self.log(f"{self.name}: already complete; nothing to train")
+        elif resume and (state is not None or start_stage > 0):
             step = f", step {state['step'] + 1}" if state and state.get("step") else ""
             self.log(
                 f"{self.name}: resuming at stage {start_stage + 1}, epoch {start_epoch + 1}{step}"

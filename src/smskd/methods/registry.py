@@ -36,6 +36,39 @@ METHODS: dict[str, type[DistillMethod]] = {
 }
 
 
+FAMILIES = ("response", "feature", "relation")
+
+
+def register_method(cls: type[DistillMethod]) -> type[DistillMethod]:
+    """Make a user's :class:`DistillMethod` subclass usable by name, in ``Stage`` and in
+    configs loaded in the same process, like a built-in method (also as a decorator).
+
+    The class needs ``name``, ``family`` and ``citation`` class attributes and type
+    hints on its constructor's options, which are checked like the built-ins' options.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, DistillMethod)):
+        raise UserError(f"register_method takes a DistillMethod subclass, not {cls!r}")
+    missing = [a for a in ("name", "family", "citation") if not getattr(cls, a, None)]
+    if missing:
+        raise UserError(f"{cls.__name__} needs the class attribute(s) {', '.join(missing)}")
+    if cls.family not in FAMILIES:
+        raise UserError(f"{cls.__name__}.family must be one of {choices(FAMILIES)}")
+    known = METHODS.get(cls.name)
+    if known is not None and known is not cls:
+        raise UserError(
+            f"method name {cls.name!r} is taken by {known.__module__}.{known.__qualname__}; "
+            "give your class another name"
+        )
+    try:
+        _options_model(cls)
+    except (NameError, KeyError, TypeError) as err:
+        raise UserError(
+            f"{cls.__name__}.__init__ needs a type hint on every option: {err}"
+        ) from None
+    METHODS[cls.name] = cls
+    return cls
+
+
 def _options_model(cls: type[DistillMethod]) -> Any:
     hints = typing.get_type_hints(cls.__init__)
     fields: dict[str, Any] = {}
