@@ -35,4 +35,5 @@ def test_readme_first_command_runs_the_quickstart() -> None:
     first = re.findall(r"```bash\n# 1\.[^\n]*\n(.+?)\n```", README)
     assert len(first) == 1 and first[0].endswith("smskd quickstart")
     assert "-c constraints.txt" in first[0]
-    assert (ROOT / "constraints.txt").read_text().strip() == "torch==2.13.0"
+    pins = (ROOT / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in pins  # the CPU wheel; a bare `torch` would pull CUDA
