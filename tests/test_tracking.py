@@ -308,6 +308,10 @@ def test_mlflow_run_holds_params_metrics_and_continues_after_resume(
         4 * e: pytest.approx(r["test_acc"]) for e, r in enumerate(result.history, 1)
     }
     reference = client.get_metric_history(run_id, "step/reference")
+    # Step 10 was logged before the stop and again after the resume (MLflow keeps
+    # both); the checkpoint ended a point, so both carry the same value.
+    again = [m.value for m in reference if m.step == 10]
+    assert len(again) == 2 and again[0] == pytest.approx(again[1], rel=1e-6)
     assert min(m.step for m in reference) == 10 and max(m.step for m in reference) == 16
     assert run.data.tags["smskd.stage1"] == "kd, from step 1"
     assert run.data.tags["smskd.stage2"] == "rkd, from step 9"
@@ -340,3 +344,125 @@ def test_distill_puts_teacher_and_student_runs_in_one_store(tmp_path, monkeypatc
     student_run = next(r for r in runs if r.info.run_name == "student")
     assert student_run.data.params["data.name"] == "digits"
     assert student_run.data.params["tracking.backends"] == '["mlflow"]'
+
+
+def crash_on_call(monkeypatch, call: int) -> None:
+    real = engine.step_loss
+    calls = {"n": 0}
+
+    def step_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise RuntimeError("power cut")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "step_loss", step_loss)
+
+
+def test_a_mid_epoch_resume_logs_what_an_uninterrupted_run_logs(
+    student, live_teacher, indexed_data, tmp_path, monkeypatch
+):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    common = {
+        "tracking": TrackingConfig(backends=["tensorboard"], every_steps=2),
+        "checkpoint_every_steps": 3,  # mid-epoch checkpoints off the 2-step grid
+        **QUIET,
+    }
+    whole = tmp_path / "whole"
+    run_stages(student, live_teacher, stages(), *indexed_data, out_dir=whole, **common)
+    student.load_state_dict(initial)
+    cut = tmp_path / "cut"
+    crash_on_call(monkeypatch, 12)  # stage 2, epoch 1, step 4: the checkpoint is after step 3
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_stages(student, live_teacher, stages(), *indexed_data, out_dir=cut, **common)
+    monkeypatch.undo()
+    run_stages(student, live_teacher, stages(), *indexed_data, out_dir=cut, resume=True, **common)
+    expected, got = read_steps(whole), read_steps(cut)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert tensorboard_scalars(cut / "tensorboard")["step/loss"] == pytest.approx(
+        expected["step/loss"], rel=1e-5
+    )
+    events = EventAccumulator(str(cut / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [m.step for m in events.Tensors("stage/text_summary")] == [1, 9]  # no second mark
+
+
+def test_skipped_batches_stay_out_of_the_step_curves(
+    student, live_teacher, tiny_data, tmp_path, monkeypatch
+):
+    real = engine.step_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        total, terms = real(*args, **kwargs)
+        if calls["n"] == 2:
+            total = total * float("nan")
+            terms = {k: v * float("nan") for k, v in terms.items()}
+        return total, terms
+
+    monkeypatch.setattr(engine, "step_loss", poisoned)
+    result = run_stages(
+        student,
+        live_teacher,
+        [Stage(methods=["kd"], epochs=1)],
+        *tiny_data,
+        out_dir=tmp_path,
+        nonfinite="skip",
+        tracking=TrackingConfig(every_steps=4),  # one point: the epoch's 4 steps
+        **QUIET,
+    )
+    record = result.history[0]
+    assert record["train_skipped_batches"] == 1
+    curves = read_steps(tmp_path)
+    assert curves["step/loss"] == {4: pytest.approx(record["train_loss"], rel=1e-5)}
+    assert curves["step/kd"] == {4: pytest.approx(record["train_kd"], rel=1e-5)}
+
+
+def test_a_checkpoint_from_before_global_steps_resumes_at_the_right_step(
+    student, live_teacher, indexed_data, tmp_path, monkeypatch
+):
+    from smskd.checkpoint import atomic_save, safe_load
+
+    crash_on_call(monkeypatch, 7)  # the checkpoint is after epoch 1 (step 4)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_stages(student, live_teacher, stages(), *indexed_data, out_dir=tmp_path, **QUIET)
+    monkeypatch.undo()
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = safe_load(last)
+    assert state.pop("global_step") == 4
+    atomic_save(state, last)  # as an older smskd wrote it
+    run_stages(
+        student, live_teacher, stages(), *indexed_data, out_dir=tmp_path, resume=True, **QUIET
+    )
+    # every_steps 10 and epochs of 4 steps: points at 10 and at every epoch end
+    assert sorted(read_steps(tmp_path)["step/loss"]) == [4, 8, 10, 12, 16]
+
+
+def test_a_run_directory_from_before_the_tracking_key_still_resumes(tmp_path, capsys):
+    import yaml
+
+    from smskd.experiment import distill
+
+    raw = {
+        "data": {"name": "digits", "train_subset": 200, "batch_size": 50},
+        "teacher": {"model": "convnet-xs", "epochs": 1},
+        "student": {"model": "convnet-xs"},
+        "stages": [{"methods": ["kd"], "epochs": 1}],
+    }
+    distill(load_config(raw), tmp_path / "run", progress=False)
+    for saved in (tmp_path / "run" / "config.yaml", tmp_path / "run" / "teacher" / "config.yaml"):
+        old = yaml.safe_load(saved.read_text())
+        del old["tracking"]  # as the config was written before the key existed
+        saved.write_text(yaml.safe_dump(old, sort_keys=False))
+    capsys.readouterr()
+    distill(load_config(raw), tmp_path / "run", resume=True, progress=False)
+    assert "student: already complete" in capsys.readouterr().out
+    changed = {**raw, "seed": 1}
+    with pytest.raises(UserError, match="different config"):
+        distill(load_config(changed), tmp_path / "run", resume=True, progress=False)

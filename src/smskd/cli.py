@@ -429,13 +429,9 @@ def _parser() -> argparse.ArgumentParser:
 def _version() -> str:
     import platform
 
-    try:
-        import torch
+    import torch
 
-        torch_version = torch.__version__
-    except ImportError:  # the version must print even where torch is broken
-        torch_version = "not installed"
-    return f"smskd {__version__} (torch {torch_version}, Python {platform.python_version()})"
+    return f"smskd {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
 
 
 class _Style:
@@ -491,14 +487,15 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return 0
     if args.json:
         print(json.dumps(output.data, indent=2, default=str))
-    elif output.text and not (args.quiet and args.command in _TRAINING):
+    elif output.text and not (args.quiet and args.command in _DONE_LINE):
         bold = _Style(sys.stdout)
-        print(bold(output.text, "1") if args.command in _TRAINING else output.text)
+        print(bold(output.text, "1") if args.command in _DONE_LINE else output.text)
     return 0
 
 
-# Commands whose one-line result --quiet drops too (a listing is the point of its command).
-_TRAINING = {"quickstart", "train-teacher", "distill", "sweep", "report"}
+# Commands whose result is a closing "done" line, which --quiet drops; the others'
+# output (a listing, an accuracy, a script) is what they are run for.
+_DONE_LINE = {"quickstart", "train-teacher", "distill", "sweep", "report", "export"}
 
 
 if __name__ == "__main__":

@@ -258,13 +258,6 @@ class PerformanceConfig(_Strict):
     cache_max_gib: float = Field(default=4.0, gt=0)
 
 
-# The import each tracking backend needs, and the extra that installs it.
-TRACKING_PACKAGES = {
-    "tensorboard": (("tensorboard",), "smskd[tensorboard]"),
-    "mlflow": (("mlflow",), "smskd[mlflow]"),
-}
-
-
 class TrackingConfig(_Strict):
     """Where a run's numbers go besides ``metrics.jsonl``, ``metrics.csv`` and
     ``steps.csv``, which are always written.
@@ -299,21 +292,6 @@ class TrackingConfig(_Strict):
 
         uri = self.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
         return uri or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
-
-    def check_installed(self) -> None:
-        """Refuse a backend whose package is missing, before any training."""
-        import importlib.util
-
-        for backend in self.backends:
-            modules, extra = TRACKING_PACKAGES[backend]
-            if backend == "mlflow" and self.mlflow_store_uri("").startswith("sqlite:"):
-                modules = (*modules, "sqlalchemy", "alembic")
-            missing = [m for m in modules if importlib.util.find_spec(m) is None]
-            if missing:
-                raise UserError(
-                    f"tracking: {backend} needs {', '.join(missing)}, which is not "
-                    f"installed; pip install '{extra}' or remove {backend} from tracking"
-                )
 
 
 class TeacherConfig(_Strict):

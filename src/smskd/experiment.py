@@ -174,7 +174,7 @@ def _claim_run_dir(out: Path, cfg_yaml: str, resume: bool, force: bool) -> None:
                 f"{out} already holds a run; pass --resume to continue it, --force to start "
                 "over, or choose another --out"
             )
-        elif saved.read_text() != cfg_yaml:
+        elif not _same_config(saved, cfg_yaml):
             raise UserError(
                 f"{out} holds a run with a different config; pass --force to start over "
                 "or choose another --out"
@@ -183,6 +183,17 @@ def _claim_run_dir(out: Path, cfg_yaml: str, resume: bool, force: bool) -> None:
         make_run_dir(out)
         saved.write_text(cfg_yaml)
     distributed.barrier()
+
+
+def _same_config(saved: Path, cfg_yaml: str) -> bool:
+    """Whether ``saved`` holds the run ``cfg_yaml`` describes, as the schema reads it: a
+    run directory written before a key existed (it has the default) still resumes."""
+    if saved.read_text() == cfg_yaml:
+        return True
+    try:
+        return load_config(saved).to_yaml() == cfg_yaml
+    except UserError:
+        return False
 
 
 def train_teacher(

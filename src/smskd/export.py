@@ -41,6 +41,7 @@ from smskd.checkpoint import atomic_write_bytes, load_state_dict, load_weights
 from smskd.config import RunConfig, load_config
 from smskd.errors import UserError, choices
 from smskd.experiment import TEACHER_WEIGHTS, Data, make_model, prepare_data
+from smskd.extras import require
 
 FORMATS = ("onnx", "safetensors", "torchscript")
 
@@ -167,15 +168,8 @@ def export_student(
 
 
 def _require_packages(fmt: str) -> None:
-    # find_spec, not import: it costs nothing (importing onnxscript takes seconds), so a
-    # missing extra is reported first, before any data is loaded.
     modules, hint = _PACKAGES[fmt]
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UserError(
-            f"--format {fmt} needs the {' and '.join(missing)} package"
-            f"{'s' if len(missing) > 1 else ''}: {hint}"
-        )
+    require(modules, f"--format {fmt}", hint)
 
 
 def _run_files(run: Path) -> tuple[Path, Path]:

@@ -60,7 +60,7 @@ from smskd.methods.registry import build_method
 from smskd.output_cache import cache_outputs
 from smskd.reference import make_reference
 from smskd.taps import FeatureTaps, layout_of
-from smskd.tracking import MetricsLog, RunTracker
+from smskd.tracking import MetricsLog, RunTracker, check_backends
 
 CHECKPOINT_FORMAT = 1
 
@@ -320,10 +320,8 @@ def run_stages(
     if not isinstance(tracking, TrackingConfig):  # ["tensorboard"], as in a config file
         tracking = TrackingConfig.model_validate(tracking or [])
     if tracking.backends and out_dir is None:
-        raise UserError(
-            f"tracking {tracking.backends} writes into the run directory; pass out_dir"
-        )
-    tracking.check_installed()
+        raise UserError(f"tracking {tracking.backends} writes into the run directory; pass out_dir")
+    check_backends(tracking)
     if hparams is None:
         hparams = {
             "seed": seed,
@@ -394,7 +392,7 @@ class _Run:
         self.checkpoints = self.out / "checkpoints" if self.out is not None else None
         self.metrics = MetricsLog(self.out / "metrics.jsonl" if self.writes else None)
         state = self._resume_state() if resume else None
-        resume_step = state.get("global_step", 0) if state else 0
+        resume_step = self._global_step(state) if state else 0
         start_stage, start_epoch = (state["stage"], state["epoch"]) if state else (0, 0)
         if state is not None and start_epoch >= self.stages[start_stage].epochs:
             start_stage, start_epoch, state = start_stage + 1, 0, None  # stage was complete
@@ -428,6 +426,15 @@ class _Run:
         if self.writes:
             atomic_save(self.student.state_dict(), self.out / "student.pt")
         return RunResult(self.student, list(self.metrics.records), time.perf_counter() - started)
+
+    def _global_step(self, state: dict[str, Any]) -> int:
+        """Steps done before the checkpoint ``state``; counted from the epochs for a
+        checkpoint written before it recorded them."""
+        if "global_step" in state:
+            return state["global_step"]
+        epochs = sum(s.epochs for s in self.stages[: state["stage"]]) + state["epoch"]
+        per_epoch = len(self.train_data) if hasattr(self.train_data, "__len__") else 0  # type: ignore[arg-type]
+        return epochs * per_epoch + state.get("step", 0)
 
     def _tracker(self, resume_step: int, resume: bool) -> RunTracker:
         if not self.writes:  # other ranks, and runs without a directory, log nothing
@@ -537,7 +544,9 @@ class _Run:
         for method in parts.methods:
             method.start_epoch(epoch, stage.epochs)
         lr = parts.optimizer.param_groups[0]["lr"]
-        self.tracker.start_epoch(k + 1, stage.label, epoch + 1, lr, first=epoch == 0)
+        # A stage's first epoch resumed midway is no boundary: that was marked before.
+        first = epoch == 0 and partial is None
+        self.tracker.start_epoch(k + 1, stage.label, epoch + 1, lr, first=first)
         started = time.perf_counter()
         where = f"stage {k + 1} ({stage.label}), epoch {epoch + 1}"
 
@@ -651,6 +660,8 @@ class _Run:
     def _save(self, parts: _StageParts, epoch: int, progress: EpochProgress | None) -> None:
         """``last.pt`` after ``epoch`` completed epochs (and ``progress`` of the next)."""
         assert self.checkpoints is not None
+        # A logged point ends here, so a resumed run's points average the same steps.
+        self.tracker.flush()
         state = {
             "format": CHECKPOINT_FORMAT,
             "num_stages": len(self.stages),

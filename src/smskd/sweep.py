@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from pydantic import Field, field_validator
 
 from smskd.checkpoint import atomic_write_text
@@ -324,7 +325,11 @@ class Sweep:
         if teacher.checkpoint is not None:
             return teacher
         trainer = _teacher_trainer(cfg, teacher, self.sweep.teacher_seed)
-        sha = hashlib.sha256(trainer.to_yaml().encode()).hexdigest()[:8]
+        # Tracking changes where numbers go, not the teacher: it stays out of the name.
+        identity = yaml.safe_dump(
+            trainer.model_dump(mode="json", exclude={"tracking"}), sort_keys=False
+        )
+        sha = hashlib.sha256(identity.encode()).hexdigest()[:8]
         teacher_dir = self.out / "teachers" / f"{_slug(teacher.model.label)}-{sha}"
         weights = teacher_dir / TEACHER_WEIGHTS
         if not weights.exists():

@@ -22,10 +22,21 @@ import yaml
 from torch import Tensor
 
 from smskd.config import TrackingConfig
+from smskd.extras import require
 
 STEP_COLUMNS = ["global_step", "stage", "epoch", "key", "value"]
 # Per-step terms that are bookkeeping for the epoch summary, not curves.
 _NOT_CURVES = {"ref_weight_sq_mean", "ref_weight_hist"}
+
+
+def check_backends(cfg: TrackingConfig) -> None:
+    """Refuse a backend whose package is missing, before any training."""
+    for backend in cfg.backends:
+        modules = ["tensorboard"] if backend == "tensorboard" else ["mlflow"]
+        if backend == "mlflow" and cfg.mlflow_store_uri("").startswith("sqlite:"):
+            modules += ["sqlalchemy", "alembic"]  # the local store
+        install = f"pip install 'smskd[{backend}]' or remove {backend} from tracking"
+        require(modules, f"tracking: {backend}", install)
 
 
 class MetricsLog:
@@ -96,11 +107,10 @@ class _TensorBoard:
 
         # purge_step: events at or past it, left by a run that died after its last
         # checkpoint, are hidden from TensorBoard, so resumed curves do not double.
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step or None)
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def hparams(self, params: Mapping[str, Any], config_text: str) -> None:
         from torch.utils.tensorboard.summary import hparams
-
 
         # Into this run's own event file (add_hparams would open a second run).
         for summary in hparams(dict(params), {"epoch/test_acc": 0.0}):
@@ -124,7 +134,7 @@ class _MLflow:
 
     RUN_FILE = "mlflow_run.json"  # which MLflow run this directory writes to
 
-    def __init__(self, cfg: TrackingConfig, out: Path, root: Path, name: str, resume: bool):
+    def __init__(self, cfg: TrackingConfig, out: Path, name: str, resume: bool):
         import logging
 
         from mlflow.tracking import MlflowClient
@@ -132,7 +142,7 @@ class _MLflow:
         # Its "Creating initial MLflow database tables..." lines would cut the progress bar.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-        uri = cfg.mlflow_store_uri(root)
+        uri = cfg.mlflow_store_uri(out)
         self.client = MlflowClient(uri)
         saved = out / self.RUN_FILE
         known = json.loads(saved.read_text()) if resume and saved.exists() else None
@@ -145,8 +155,9 @@ class _MLflow:
             experiment_id = experiment.experiment_id
         else:
             # Artifacts beside a local store, not in ./mlruns of whatever the cwd is.
-            local = uri.startswith("sqlite:")
-            artifacts = (root / "mlartifacts").resolve().as_uri() if local else None
+            local = uri.startswith("sqlite:///")
+            store = Path(uri.removeprefix("sqlite:///"))
+            artifacts = (store.parent / "mlartifacts").resolve().as_uri() if local else None
             experiment_id = self.client.create_experiment(cfg.mlflow_experiment, artifacts)
         run = self.client.create_run(
             experiment_id, run_name=name, tags={"smskd.run_dir": str(out.resolve())}
@@ -196,7 +207,6 @@ class RunTracker:
         cfg: TrackingConfig,
         out: Path | None,
         *,
-        root: Path | None = None,
         name: str = "smskd",
         hparams: Mapping[str, Any] | None = None,
         resume_step: int = 0,
@@ -209,15 +219,13 @@ class RunTracker:
         self._window: dict[str, list[Tensor]] = {}
         self._steps_table: _StepTable | None = None
         self._writers: list[_TensorBoard | _MLflow] = []
-        if out is None:
-            if cfg.backends:
-                raise ValueError("tracking backends need a run directory (out_dir)")
+        if out is None:  # run_stages refuses backends without a directory
             return
         self._steps_table = _StepTable(out / "steps.csv", keep_until=resume_step)
         if "tensorboard" in cfg.backends:
             self._writers.append(_TensorBoard(out / "tensorboard", resume_step + 1))
         if "mlflow" in cfg.backends:
-            self._writers.append(_MLflow(cfg, out, root or out, name, resume))
+            self._writers.append(_MLflow(cfg, out, name, resume))
         flat = flatten(hparams or {})
         config_text = yaml.safe_dump(dict(hparams or {}), sort_keys=False)
         for writer in self._writers:
@@ -244,9 +252,16 @@ class RunTracker:
         if not self._window:
             return
         keys = sorted(self._window)
-        means = torch.stack([torch.stack(self._window[k]).float().mean() for k in keys]).tolist()
+        # Batches left out for a NaN/Inf loss (nonfinite: skip) are left out here too,
+        # as in the epoch means; a window of only such batches logs nothing.
+        finite = torch.isfinite(torch.stack(self._window["loss"]))
+        stacked = [torch.stack(self._window[k]).float() for k in keys]
+        sums = [torch.where(finite, v, torch.zeros_like(v)).sum() for v in stacked]
+        *means, counted = torch.stack([*sums, finite.sum().float()]).tolist()
         self._window = {}
-        values = {f"step/{k}": v for k, v in zip(keys, means, strict=True)}
+        if counted == 0:
+            return
+        values = {f"step/{k}": v / counted for k, v in zip(keys, means, strict=True)}
         values["step/lr"] = self.lr
         if self._steps_table is not None:
             self._steps_table.scalars(values, self.global_step, self.stage, self.epoch)

@@ -79,3 +79,29 @@ def test_refusals_name_the_fix() -> None:
     with pytest.raises(UserError, match="DistillMethod subclass"):
         register_method(torch.nn.Linear)
     assert register_method(L2Logits) is register_method(L2Logits)  # twice is fine
+
+
+def test_a_method_without_options_and_a_redefined_class(student, live_teacher, tiny_data) -> None:
+    class Plain(DistillMethod):  # no __init__ of its own: nn.Module's (*args, **kwargs)
+        name, family, citation = "plain", "response", "a test"
+
+        def loss(self, out: Outputs) -> Tensor:
+            return (out.student_logits - out.teacher_logits).abs().mean(dim=1)
+
+    register_method(Plain)
+    run_stages(
+        student,
+        live_teacher,
+        [Stage(methods=["plain"], epochs=1)],
+        *tiny_data,
+        progress=False,
+        log=lambda _: None,
+    )
+
+    class Plain(DistillMethod):  # a notebook cell run again, edited
+        name, family, citation = "plain", "response", "a test, edited"
+
+        def loss(self, out: Outputs) -> Tensor:
+            return out.student_logits.new_zeros(len(out.student_logits))
+
+    assert register_method(Plain) is registry.METHODS["plain"]

@@ -54,7 +54,11 @@ def register_method(cls: type[DistillMethod]) -> type[DistillMethod]:
     if cls.family not in FAMILIES:
         raise UserError(f"{cls.__name__}.family must be one of {choices(FAMILIES)}")
     known = METHODS.get(cls.name)
-    if known is not None and known is not cls:
+    same = known is not None and (known.__module__, known.__qualname__) == (
+        cls.__module__,
+        cls.__qualname__,
+    )  # the same class defined again (a notebook cell run twice) replaces the old one
+    if known is not None and not same:
         raise UserError(
             f"method name {cls.name!r} is taken by {known.__module__}.{known.__qualname__}; "
             "give your class another name"
@@ -73,8 +77,8 @@ def _options_model(cls: type[DistillMethod]) -> Any:
     hints = typing.get_type_hints(cls.__init__)
     fields: dict[str, Any] = {}
     for name, param in inspect.signature(cls.__init__).parameters.items():
-        if name == "self":
-            continue
+        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue  # nn.Module's own (*args, **kwargs) for a method without options
         # Tap arguments are filled from the model layout when not given.
         default = None if name in cls.tap_roles else param.default
         annotation = hints[name] | None if name in cls.tap_roles else hints[name]
