@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -466,3 +467,35 @@ def test_a_run_directory_from_before_the_tracking_key_still_resumes(tmp_path, ca
     changed = {**raw, "seed": 1}
     with pytest.raises(UserError, match="different config"):
         distill(load_config(changed), tmp_path / "run", resume=True, progress=False)
+
+
+def test_a_sweep_puts_its_runs_in_one_mlflow_store_and_keeps_teacher_names(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from smskd.sweep import run_sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    tiny = ["stages.*.epochs=1", "teacher.epochs=1", "data.train_subset=200"]
+
+    def sweep(out, extra, only=()):
+        path = tmp_path / f"{out}.yaml"
+        content = {"name": "t", "base": str(quickstart), "seeds": [0], "set": tiny + extra}
+        path.write_text(yaml.safe_dump({**content, "recipes": ["single"]}))
+        run_sweep(path, tmp_path / out, only=only, progress=False, log=lambda _: None)
+        return tmp_path / out
+
+    tracked = sweep("tracked", ["tracking.backends=[mlflow]"])
+    client = MlflowClient(f"sqlite:///{tracked / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smskd").experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    assert names == ["single-fitnets", "single-kd", "single-rkd", "teacher"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert not list(tracked.rglob("*/mlflow.db"))  # no store per run
+    untracked = sweep("untracked", [], only=["single-kd"])
+    # Where numbers go is not part of a teacher's identity: the same directory name.
+    assert [p.name for p in (tracked / "teachers").iterdir()] == [
+        p.name for p in (untracked / "teachers").iterdir()
+    ]
