@@ -1,4 +1,5 @@
-"""Writers of tiny files in the exact formats of the real datasets, for tests."""
+"""Test helpers: writers of tiny files in the exact formats of the real datasets, and
+an injected crash."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+
+import smskd.engine as engine
 
 
 class Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
@@ -92,3 +95,17 @@ def make_cifar100(parent: Path, train: int = 4, test: int = 2) -> Path:
             },
         )
     return folder
+
+
+def fail_on_call(monkeypatch, target: str, call: int, exc: BaseException) -> None:
+    """Make the ``call``-th call of ``smskd.engine.<target>`` raise ``exc`` (a crash mid-epoch)."""
+    real = getattr(engine, target)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, target, wrapper)

@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import torch
+from fakes import fail_on_call
 
 import smskd.engine as engine
 from smskd.checkpoint import safe_load
@@ -41,20 +42,6 @@ def reference_run(student, live_teacher, indexed_data):
 
 def strip_times(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "epoch_time"} for r in history]
-
-
-def fail_on_call(monkeypatch, target: str, call: int, exc: BaseException) -> None:
-    """Make the ``call``-th call of ``engine.<target>`` raise ``exc`` (a crash mid-epoch)."""
-    real = getattr(engine, target)
-    calls = {"n": 0}
-
-    def wrapper(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise exc
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, target, wrapper)
 
 
 def test_crash_mid_epoch_resumes_bit_identical_from_a_step_checkpoint(

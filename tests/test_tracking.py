@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from fakes import fail_on_call
 
 import smskd.engine as engine
 from smskd.config import Stage, TrackingConfig, load_config
@@ -208,16 +209,8 @@ def test_tensorboard_after_resume_shows_every_step_once(
 ):
     pytest.importorskip("tensorboard")
     tracking = TrackingConfig(backends=["tensorboard"], every_steps=1)
-    real = engine.step_loss
-    calls = {"n": 0}
-
-    def crash_at_step_7(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:  # stage 1, epoch 2: the checkpoint is after epoch 1 (step 4)
-            raise RuntimeError("power cut")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "step_loss", crash_at_step_7)
+    # stage 1, epoch 2: the checkpoint is after epoch 1 (step 4)
+    fail_on_call(monkeypatch, "step_loss", 7, RuntimeError("power cut"))
     with pytest.raises(RuntimeError, match="power cut"):
         run_stages(
             student,
@@ -260,16 +253,7 @@ def test_mlflow_run_holds_params_metrics_and_continues_after_resume(
     tracking = TrackingConfig(backends=["mlflow"], every_steps=2, mlflow_experiment="tests")
     from smskd.interrupt import RunStopped
 
-    real = engine.step_loss
-    calls = {"n": 0}
-
-    def stop_at_step_11(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise RunStopped("stopped", 15)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "step_loss", stop_at_step_11)
+    fail_on_call(monkeypatch, "step_loss", 11, RunStopped("stopped", 15))
     with pytest.raises(RunStopped):
         run_stages(
             student,
@@ -347,19 +331,6 @@ def test_distill_puts_teacher_and_student_runs_in_one_store(tmp_path, monkeypatc
     assert student_run.data.params["tracking.backends"] == '["mlflow"]'
 
 
-def crash_on_call(monkeypatch, call: int) -> None:
-    real = engine.step_loss
-    calls = {"n": 0}
-
-    def step_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise RuntimeError("power cut")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "step_loss", step_loss)
-
-
 def test_a_mid_epoch_resume_logs_what_an_uninterrupted_run_logs(
     student, live_teacher, indexed_data, tmp_path, monkeypatch
 ):
@@ -376,7 +347,9 @@ def test_a_mid_epoch_resume_logs_what_an_uninterrupted_run_logs(
     run_stages(student, live_teacher, stages(), *indexed_data, out_dir=whole, **common)
     student.load_state_dict(initial)
     cut = tmp_path / "cut"
-    crash_on_call(monkeypatch, 12)  # stage 2, epoch 1, step 4: the checkpoint is after step 3
+    fail_on_call(
+        monkeypatch, "step_loss", 12, RuntimeError("power cut")
+    )  # stage 2, epoch 1, step 4: the checkpoint is after step 3
     with pytest.raises(RuntimeError, match="power cut"):
         run_stages(student, live_teacher, stages(), *indexed_data, out_dir=cut, **common)
     monkeypatch.undo()
@@ -430,7 +403,9 @@ def test_a_checkpoint_from_before_global_steps_resumes_at_the_right_step(
 ):
     from smskd.checkpoint import atomic_save, safe_load
 
-    crash_on_call(monkeypatch, 7)  # the checkpoint is after epoch 1 (step 4)
+    fail_on_call(
+        monkeypatch, "step_loss", 7, RuntimeError("power cut")
+    )  # the checkpoint is after epoch 1 (step 4)
     with pytest.raises(RuntimeError, match="power cut"):
         run_stages(student, live_teacher, stages(), *indexed_data, out_dir=tmp_path, **QUIET)
     monkeypatch.undo()
