@@ -462,13 +462,13 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     red = _Style(sys.stderr)
     # The library's log lines go to stdout; a script reading --json output must get
     # the JSON alone there, and --quiet wants none of them.
-    chatter = open(os.devnull, "w") if args.quiet else sys.stderr  # noqa: SIM115
     try:
         with contextlib.ExitStack() as stack:
-            if args.quiet or args.json:
-                stack.enter_context(contextlib.redirect_stdout(chatter))
-                if args.quiet:
-                    stack.callback(chatter.close)
+            if args.quiet:
+                devnull = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(devnull))
+            elif args.json:
+                stack.enter_context(contextlib.redirect_stdout(sys.stderr))
             output = args.handler(args)
     except UserError as err:
         print(f"{red('smskd: error:', '1;31')} {err}", file=sys.stderr)

@@ -438,7 +438,7 @@ class _Run:
 
     def _tracker(self, resume_step: int, resume: bool) -> RunTracker:
         if not self.writes:  # other ranks, and runs without a directory, log nothing
-            return RunTracker(TrackingConfig(every_steps=self.tracking.every_steps), None)
+            return RunTracker(TrackingConfig(), None)
         return RunTracker(
             self.tracking,
             self.out,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,7 @@ class _MLflow:
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        stamp = _now_ms()
+        stamp = int(time.time() * 1000)
         metrics = [Metric(k, v, stamp, step) for k, v in values.items() if math.isfinite(v)]
         self.client.log_batch(self.run_id, metrics=metrics)
 
@@ -186,12 +187,6 @@ class _MLflow:
 
     def close(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
-
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
 
 
 class RunTracker:
@@ -263,8 +258,8 @@ class RunTracker:
             return
         values = {f"step/{k}": v / counted for k, v in zip(keys, means, strict=True)}
         values["step/lr"] = self.lr
-        if self._steps_table is not None:
-            self._steps_table.scalars(values, self.global_step, self.stage, self.epoch)
+        assert self._steps_table is not None  # step() fills no window without it
+        self._steps_table.scalars(values, self.global_step, self.stage, self.epoch)
         for writer in self._writers:
             writer.scalars({**values, "stage": float(self.stage)}, self.global_step)
 
@@ -286,9 +281,9 @@ class RunTracker:
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "c": [2, 3], "d": [{"e": 4}]}`` → ``{"a.b": 1, "c": "[2, 3]",
-    "d.0.e": 4}``: hyper-parameters
-    as the flat, scalar key → value pairs TensorBoard and MLflow take."""
+    """Hyper-parameters as the flat, scalar key → value pairs TensorBoard and MLflow
+    take: ``{"a": {"b": 1}, "c": [2, 3], "d": [{"e": 4}]}`` → ``{"a.b": 1,
+    "c": "[2, 3]", "d.0.e": 4}``."""
     flat: dict[str, Any] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
