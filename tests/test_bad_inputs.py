@@ -70,6 +70,8 @@ def _argv(case: dict[str, Any], work: Path, out: Path) -> list[str]:
 def _check(case: dict[str, Any], code: object, stdout: str, stderr: str) -> None:
     lines = stderr.splitlines()
     assert "Traceback" not in stderr, stderr
+    # torch's advice to load unsafely must never reach a user (files here are untrusted).
+    assert "weights_only" not in stderr, stderr
     assert code == 2, f"exit code {code}; stderr:\n{stderr}"
     assert len(lines) == 1 and lines[0].startswith("smskd: error: "), stderr
     expected = case["error"] if isinstance(case["error"], list) else [case["error"]]

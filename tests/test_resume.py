@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from fakes import fail_on_call
 
 import smskd.engine as engine
-from smskd.checkpoint import safe_load
+from smskd.checkpoint import atomic_save, checksum_path, move_checkpoint, safe_load
 from smskd.config import Stage
 from smskd.errors import UserError
 from smskd.interrupt import RunStopped
@@ -159,3 +160,157 @@ def test_resuming_a_finished_run_says_so(student, live_teacher, indexed_data, tm
     )
     assert said == ["smskd: already complete; nothing to train"]
     assert len(again.history) == 2  # the finished run's records, nothing retrained
+
+
+# ------------------------------------------- checkpoints that belong to another run (CLI)
+
+RUN_YAML = """\
+data: {name: digits, train_subset: 64}
+student: {model: convnet-xs}
+stages: [{epochs: 1}, {epochs: 2}]
+reference: {weighting: fixed}
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """Finished CLI runs of one config: ``ours`` and, each differing in one way, foreign ones."""
+    from smskd.cli import main
+
+    root = tmp_path_factory.mktemp("runs")
+    config = root / "run.yaml"
+    config.write_text(RUN_YAML)
+    variants = {
+        "ours": [],
+        "seed": ["--set", "seed=1"],
+        "layout": ["--set", "stages.1.epochs=3"],
+        "lr": ["--set", "stages.0.optimizer.lr=0.1"],
+    }
+    for name, overrides in variants.items():
+        assert main(["distill", str(config), "--out", str(root / name), *overrides]) == 0
+    return root
+
+
+def copy_of_ours(cli_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cli_runs / "ours", run)
+    return run, run / "checkpoints"
+
+
+def copy_checkpoint(src, dst) -> None:
+    """A checkpoint and its sidecar, as a user copies them (``cp last.pt* ...``)."""
+    shutil.copyfile(src, dst)
+    shutil.copyfile(checksum_path(src), checksum_path(dst))
+
+
+def rewind_to_mid_stage_2(checkpoints) -> None:
+    """last.pt becomes last.prev.pt: after stage 2's first epoch, so the resume rebuilds
+    stage 2's reference from stage1.pt."""
+    move_checkpoint(checkpoints / "last.prev.pt", checkpoints / "last.pt")
+
+
+def resume_error(cli_runs, run, capsys) -> str:
+    from smskd.cli import main
+
+    capsys.readouterr()
+    code = main(["distill", str(cli_runs / "run.yaml"), "--out", str(run), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "weights_only" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("other", "says"),
+    [
+        ("seed", "(seed 1; this run has seed 0)"),
+        (
+            "layout",
+            "(stages ce (1 epoch), ce (3 epochs); this run has ce (1 epoch), ce (2 epochs))",
+        ),
+        ("lr", "(stages.0.optimizer.lr is 0.1; this run has 0.05)"),
+    ],
+)
+def test_a_last_checkpoint_from_another_run_is_refused(cli_runs, tmp_path, capsys, other, says):
+    run, checkpoints = copy_of_ours(cli_runs, tmp_path)
+    student = (run / "student.pt").read_bytes()
+    copy_checkpoint(cli_runs / other / "checkpoints" / "last.pt", checkpoints / "last.pt")
+    err = resume_error(cli_runs, run, capsys)
+    assert f"last.pt' belongs to another run {says}; resume the run it came from" in err
+    assert "--force" in err
+    assert (run / "student.pt").read_bytes() == student
+
+
+def test_the_previous_checkpoint_fallback_refuses_another_run_too(cli_runs, tmp_path, capsys):
+    run, checkpoints = copy_of_ours(cli_runs, tmp_path)
+    copy_checkpoint(cli_runs / "seed" / "checkpoints" / "last.pt", checkpoints / "last.prev.pt")
+    last = checkpoints / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # damaged: the resume falls back
+    err = resume_error(cli_runs, run, capsys)
+    assert "last.pt' is truncated" in err
+    assert "last.prev.pt' belongs to another run (seed 1; this run has seed 0)" in err
+
+
+def test_a_stage_snapshot_from_another_run_is_refused(cli_runs, tmp_path, capsys):
+    from smskd.cli import main
+
+    run, checkpoints = copy_of_ours(cli_runs, tmp_path)
+    rewind_to_mid_stage_2(checkpoints)
+    copy_checkpoint(cli_runs / "seed" / "checkpoints" / "stage1.pt", checkpoints / "stage1.pt")
+    err = resume_error(cli_runs, run, capsys)
+    assert "stage1.pt' belongs to another run: its SHA-256 is not the one recorded" in err
+    # The same resume with the run's own stage1.pt finishes as the run did.
+    copy_checkpoint(cli_runs / "ours" / "checkpoints" / "stage1.pt", checkpoints / "stage1.pt")
+    assert main(["distill", str(cli_runs / "run.yaml"), "--out", str(run), "--resume"]) == 0
+    assert (
+        safe_load(run / "student.pt").keys() == safe_load(cli_runs / "ours" / "student.pt").keys()
+    )
+    for key, value in safe_load(run / "student.pt").items():
+        assert torch.equal(value, safe_load(cli_runs / "ours" / "student.pt")[key]), key
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused(cli_runs, tmp_path, capsys):
+    run, checkpoints = copy_of_ours(cli_runs, tmp_path)
+    state = safe_load(checkpoints / "last.pt")
+    state["format"] = 99
+    atomic_save(state, checkpoints / "last.pt")
+    err = resume_error(cli_runs, run, capsys)
+    assert "last.pt' has checkpoint format 99, from a newer smskd (this one reads up to 1)" in err
+
+
+def test_plain_weights_as_the_last_checkpoint_are_refused(cli_runs, tmp_path, capsys):
+    run, checkpoints = copy_of_ours(cli_runs, tmp_path)
+    copy_checkpoint(run / "student.pt", checkpoints / "last.pt")
+    err = resume_error(cli_runs, run, capsys)
+    assert "last.pt' is not a run checkpoint" in err
+
+
+def test_a_checkpoint_from_before_identities_still_resumes(cli_runs, tmp_path):
+    from smskd.cli import main
+
+    run, checkpoints = copy_of_ours(cli_runs, tmp_path)
+    rewind_to_mid_stage_2(checkpoints)
+    state = safe_load(checkpoints / "last.pt")
+    del state["identity"], state["snapshots"]  # as an older smskd wrote it
+    atomic_save(state, checkpoints / "last.pt")
+    assert main(["distill", str(cli_runs / "run.yaml"), "--out", str(run), "--resume"]) == 0
+
+
+def test_the_python_api_identifies_a_run_by_its_reference_settings_too(
+    student, live_teacher, indexed_data, tmp_path
+):
+    from smskd.config import ReferenceConfig
+
+    two = [Stage(methods=["kd"], epochs=1), Stage(methods=["kd"], epochs=1)]
+    run_stages(student, live_teacher, two, *indexed_data, out_dir=tmp_path, **QUIET)
+    with pytest.raises(UserError, match=r"\(reference.lam is 1.0; this run has 2.0\)"):
+        run_stages(
+            student,
+            live_teacher,
+            two,
+            *indexed_data,
+            reference=ReferenceConfig(lam=2.0),
+            out_dir=tmp_path,
+            resume=True,
+            **QUIET,
+        )

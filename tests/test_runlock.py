@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from smskd import rundir
 from smskd.checkpoint import checksum_path, export_weights, load_state_dict, verify_checkpoint
 from smskd.config import load_config
 from smskd.errors import UserError
-from smskd.experiment import _clear_run_dir, distill, evaluate_checkpoint
+from smskd.experiment import distill, evaluate_checkpoint
 from smskd.runlock import LOCK_NAME, read_owner, run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,13 +140,14 @@ def test_release_leaves_a_lock_that_is_not_ours(tmp_path: Path) -> None:
     assert read_owner(tmp_path / LOCK_NAME).pid == 4242
 
 
-def test_force_clears_everything_but_the_lock(tmp_path: Path) -> None:
+def test_force_clears_what_smskd_wrote_but_not_the_lock(tmp_path: Path) -> None:
     with run_lock(tmp_path):
+        rundir.claim(tmp_path, rundir.RUN)
         (tmp_path / "checkpoints").mkdir()
         (tmp_path / "checkpoints" / "last.pt").write_bytes(b"x")
         (tmp_path / "config.yaml").write_text("a: 1\n")
-        _clear_run_dir(tmp_path)
-        assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
+        rundir.clear(tmp_path, rundir.RUN, log=lambda _m: None)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK_NAME, rundir.MARKER])
 
 
 def quickstart(*overrides: str):

@@ -243,3 +243,51 @@ def test_a_finished_run_of_a_changed_config_is_not_reused(tmp_path: Path) -> Non
     changed = write_sweep(tmp_path, recipes=["joint"], set=[*TINY, "data.batch_size=32"])
     with pytest.raises(UserError, match="holds a finished run of another config than 'joint'"):
         run_sweep(changed, out, progress=False, log=lambda _m: None)
+
+
+def test_labels_map_to_distinct_readable_directories_or_are_refused(tmp_path: Path) -> None:
+    greek = write_sweep(
+        tmp_path,
+        recipes=[
+            {"kind": "smskd", "name": "β", "grid": {"stages.1.methods.0.weight": [1.0]}},
+            {"kind": "smskd", "name": "λ", "grid": {"reference.lam": [1.0]}},
+        ],
+    )
+    runs = plan(load_sweep(greek), greek, tmp_path / "out")
+    assert [Path(r.dir).parent.name for r in runs] == ["β-weight=1.0", "λ-lam=1.0"]
+    clash = write_sweep(
+        tmp_path, recipes=[{"kind": "scratch", "name": "a b"}, {"kind": "joint", "name": "a/b"}]
+    )
+    with pytest.raises(UserError, match="the labels 'a b' and 'a/b' map to one directory"):
+        plan(load_sweep(clash), clash, tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../..", "///", ".hidden"])
+def test_no_label_escapes_the_sweep_directory(tmp_path: Path, capsys, name: str) -> None:
+    path = write_sweep(tmp_path, recipes=[{"kind": "scratch", "name": name}])
+    out = tmp_path / "deep" / "out"
+    if name == ".hidden":  # a readable name is kept, only not hidden
+        (run,) = plan(load_sweep(path), path, out)
+        assert Path(run.dir) == out / "hidden" / "seed-0"
+        return
+    assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 2
+    assert "leaves no usable directory name" in capsys.readouterr().err
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "seed-0").exists()
+
+
+def test_sweep_only_trains_the_selected_runs(tmp_path: Path, capsys) -> None:
+    path = write_sweep(tmp_path, recipes=["scratch", "joint"])
+    out = tmp_path / "out"
+    argv = ["sweep", str(path), "--out", str(out), "--only", "scratch", "--no-progress"]
+    assert main([*argv, "--no-report"]) == 0
+    assert (out / "scratch" / "seed-0" / "result.json").is_file()
+    assert not (out / "joint").exists() and not (out / "teachers").exists()
+    index = json.loads((out / "index.json").read_text())
+    assert [r["status"] for r in index["runs"]] == ["done", "pending"]
+
+
+def test_a_sweep_is_not_written_into_a_users_directory(tmp_path: Path, capsys) -> None:
+    path = write_sweep(tmp_path, recipes=["scratch"])
+    assert main(["sweep", str(path), "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "is not an smskd directory" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.yaml"]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from smskd.errors import UserError
+from smskd.methods.registry import build_method
 from smskd.models.convnet import ConvNet
 from smskd.taps import FeatureTaps, ModelLayout, layout_of
 
@@ -41,3 +42,22 @@ def test_layouts() -> None:
     auto = layout_of(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
     assert auto == ModelLayout(features=(), embedding="2:input")
     assert auto.role("hint") is None
+
+
+@pytest.mark.parametrize("tap", ["", ":input"])
+def test_an_empty_module_name_is_refused_not_the_whole_model(tap: str) -> None:
+    # named_modules() calls the model itself "": tapping it would silently take the
+    # model's output (or input) as a "feature".
+    with pytest.raises(UserError, match=r"taps\.features: .* names no module"):
+        ModelLayout(features=("block1", tap))
+    with pytest.raises(UserError, match=r"taps\.embedding: .* names no module"):
+        ModelLayout(embedding=tap)
+    layouts = {"student": layout_of(ConvNet(3)), "teacher": layout_of(ConvNet(3))}
+    with pytest.raises(UserError, match=r"method 'rkd' option 'teacher_layer': .* names no"):
+        build_method("rkd", {"teacher_layer": tap}, layouts["student"], layouts["teacher"])
+    with pytest.raises(UserError, match=r"method 'at' option 'student_layers': .* names no"):
+        build_method("at", {"student_layers": ["block1", tap]}, *layouts.values())
+
+
+def test_a_bare_linear_model_has_no_embedding_to_tap() -> None:
+    assert layout_of(nn.Linear(3, 2)) == ModelLayout()

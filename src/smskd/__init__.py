@@ -5,6 +5,9 @@ stages = [Stage(methods=["kd"], epochs=10), Stage(methods=["fitnets"], epochs=10
 result = run_stages(student, teacher, stages, train_loader, test_loader)
 """
 
+# First: modules below read it while the package is still importing.
+__version__ = "0.1.0"
+
 from smskd.config import MethodSpec, ReferenceConfig, RunConfig, Stage, load_config
 from smskd.errors import UserError
 from smskd.experiment import distill, evaluate_checkpoint, train_teacher
@@ -12,8 +15,6 @@ from smskd.methods.base import DistillMethod, Outputs
 from smskd.methods.registry import register_method
 from smskd.pipeline import RunResult, run_stages
 from smskd.taps import FeatureTaps, ModelLayout
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DistillMethod",

@@ -21,18 +21,26 @@ sidecar) to ``last.prev.pt``, and :func:`load_latest` tries ``last.pt`` then
 ``last.prev.pt``, so that a damaged newest checkpoint costs one checkpoint
 interval, not the run.
 
-``*.safetensors`` paths are read and written with the optional ``safetensors``
-package (``pip install safetensors``), for weights (a flat dict of tensors) only.
+``*.safetensors`` paths are written with the optional ``safetensors`` package
+(``pip install safetensors``), for weights (a flat dict of tensors) only. Loads
+go by what a file holds, whatever its name: its first bytes must be a torch
+checkpoint (zip, or the legacy pickle's magic number) or safetensors, and
+anything else (a config, an empty file, a plain pickle) is named for what it is
+before any unpickling. Only regular files are opened: a FIFO would block.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import os
 import pickle
 import random
+import re
+import stat
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,6 +56,17 @@ CHECKSUM_SUFFIX = ".sha256"
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"
 _CHUNK = 1 << 20
+_SIDECAR_MAX = 4096  # a sidecar is one line and a comment: anything longer is not one
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch.save(..., _use_new_zipfile_serialization=False) opens with this number, pickled.
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
+_NOT_FILES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def checksum_path(path: str | Path) -> Path:
@@ -73,6 +92,46 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def _not_a_file(path: Path, what: str, mode: int) -> UserError:
+    kind = next((name for is_kind, name in _NOT_FILES if is_kind(mode)), "not a regular file")
+    hint = ""
+    if stat.S_ISDIR(mode):
+        inside = [path / name for name in ("student.pt", "teacher.pt") if (path / name).is_file()]
+        hint = f"; did you mean {str(inside[0])!r}?" if inside else "; name a file in it"
+    return UserError(f"{what} {str(path)!r} is {kind}, not a file{hint}")
+
+
+def _open_file(path: Path, what: str = "checkpoint") -> BinaryIO:
+    """``path`` open for reading if it is a regular file; else a UserError saying what it is.
+
+    Opened non-blocking and judged on the open descriptor: opening a FIFO blocks until
+    someone writes to it, and a check before the open could be raced.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UserError(
+                f"{what} {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does "
+                "not exist"
+            ) from None
+        raise UserError(f"{what} {str(path)!r} does not exist") from None
+    except OSError as err:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):  # e.g. a directory on Windows, a socket on Linux
+            raise _not_a_file(path, what, mode) from None
+        raise UserError(f"{what} {str(path)!r} cannot be read: {err.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_a_file(path, what, mode)
+    return os.fdopen(fd, "rb")
 
 
 def _write_temp(directory: Path, name: str, write: Callable[[BinaryIO], None]) -> Path:
@@ -115,12 +174,17 @@ def _write_sidecar(path: Path, digest: str, size: int) -> None:
 def _read_sidecar(path: Path) -> tuple[str, int | None] | None:
     """``(sha256, size)`` recorded for ``path``; None if it has no sidecar."""
     sidecar = checksum_path(path)
-    try:
-        lines = sidecar.read_text().splitlines()
-    except FileNotFoundError:
+    if not os.path.lexists(sidecar):
         return None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"checksum file {str(sidecar)!r} is unreadable: {err}") from None
+    with _open_file(sidecar, "checksum file") as handle:
+        try:
+            data = handle.read(_SIDECAR_MAX + 1)
+        except OSError as err:
+            raise UserError(f"checksum file {str(sidecar)!r} is unreadable: {err}") from None
+    try:
+        lines = data.decode().splitlines() if len(data) <= _SIDECAR_MAX else []
+    except UnicodeDecodeError:
+        lines = []
     digest, size = None, None
     for line in lines:
         words = line.split()
@@ -136,11 +200,12 @@ def _read_sidecar(path: Path) -> tuple[str, int | None] | None:
     return digest, size
 
 
-def _verify(path: Path, handle: BinaryIO) -> None:
-    """Raise a UserError if ``handle`` (``path``, at offset 0) differs from its sidecar."""
+def _verify(path: Path, handle: BinaryIO) -> str | None:
+    """Raise a UserError if ``handle`` (``path``, at offset 0) differs from its sidecar;
+    return its SHA-256, so verified (None: it has no sidecar)."""
     recorded = _read_sidecar(path)
     if recorded is None:
-        return
+        return None
     digest, size = recorded
     sidecar = checksum_path(path).name
     hint = f"(delete {sidecar} only if you replaced the file on purpose)"
@@ -156,14 +221,13 @@ def _verify(path: Path, handle: BinaryIO) -> None:
         raise UserError(
             f"checkpoint {str(path)!r} is corrupted: its SHA-256 does not match {sidecar} {hint}"
         )
+    return actual
 
 
 def verify_checkpoint(path: str | Path) -> bool:
     """True if ``path`` matches its sidecar, False if it has none; a UserError if it differs."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist")
-    with path.open("rb") as handle:
+    with _open_file(path) as handle:
         _verify(path, handle)
     return checksum_path(path).exists()
 
@@ -193,7 +257,7 @@ def _rotate(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None], keep_previous: bool) -> None:
+def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None], keep_previous: bool) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _write_temp(path.parent, path.name, write)
@@ -211,6 +275,7 @@ def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None], keep_prev
         raise
     _write_sidecar(path, digest, size)
     _fsync_dir(path.parent)
+    return digest
 
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
@@ -222,13 +287,14 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     Path(path).chmod(0o666 & ~umask)
 
 
-def atomic_save(obj: Any, path: str | Path, *, keep_previous: bool = False) -> None:
-    """``torch.save`` to ``path`` atomically, with a ``.sha256`` sidecar (see the module doc).
+def atomic_save(obj: Any, path: str | Path, *, keep_previous: bool = False) -> str:
+    """``torch.save`` to ``path`` atomically, with a ``.sha256`` sidecar (see the module doc);
+    returns the file's SHA-256.
 
     With ``keep_previous``, the file already at ``path`` (if it verifies) is kept as
     ``previous_path(path)`` (``last.pt`` → ``last.prev.pt``) for :func:`load_latest`.
     """
-    _atomic_write(path, lambda handle: torch.save(obj, handle), keep_previous)
+    return _atomic_write(path, lambda handle: torch.save(obj, handle), keep_previous)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -260,7 +326,7 @@ def _safetensors(path: Path) -> Any:
         import safetensors.torch
     except ImportError:
         raise UserError(
-            f"{str(path)!r} is a .safetensors file, and the safetensors package is not "
+            f"{str(path)!r} is a safetensors file, and the safetensors package is not "
             "installed: pip install safetensors (or pip install 'smskd[safetensors]')"
         ) from None
     return safetensors.torch
@@ -271,38 +337,110 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def safe_load(
-    path: str | Path, map_location: str | torch.device = "cpu", *, verify: bool = True
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    verify: bool = True,
+    sha256: str | None = None,
 ) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only, never code.
 
     The file is checked against its ``.sha256`` sidecar first, when it has one (and
-    ``verify``); ``*.safetensors`` files are read with the safetensors package.
+    ``verify``), and against ``sha256`` when given (the digest recorded when this run
+    wrote it); safetensors files are read with the safetensors package.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist")
-    with path.open("rb") as handle:
-        if verify:
-            _verify(path, handle)
-        if _is_safetensors(path):
+    with _open_file(path) as handle:
+        verified = _verify(path, handle) if verify else None
+        if sha256 is not None:
+            _check_recorded(path, handle, sha256, verified)
+        head = handle.read(64)
+        handle.seek(0)
+        if head.startswith(_ZIP_MAGIC) or (head[:1] == b"\x80" and _LEGACY_MAGIC in head[:32]):
+            return _torch_load(path, handle, map_location)
+        size = os.fstat(handle.fileno()).st_size
+        if _is_safetensors(path) or _looks_like_safetensors(head, size):
             return _load_safetensors(path, handle.read(), map_location)
-        try:
+    raise _not_a_checkpoint(path, head)
+
+
+def _check_recorded(path: Path, handle: BinaryIO, sha256: str, verified: str | None) -> None:
+    if verified is None:
+        verified, _ = _digest(handle)
+        handle.seek(0)
+    if verified != sha256:
+        raise UserError(
+            f"checkpoint {str(path)!r} belongs to another run: its SHA-256 is not the one "
+            "recorded when this run wrote it; resume the run it came from, or start over "
+            "with --force"
+        )
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A little-endian header length that fits the file, then the header's JSON ``{``."""
+    return head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _not_a_checkpoint(path: Path, head: bytes) -> UserError:
+    """What ``path``, which opens like neither torch nor safetensors files, looks like."""
+    if not head:
+        what = "it is empty"
+    elif head.startswith(b"\x1f\x8b"):
+        what = "it is gzip-compressed; decompress it first"
+    elif head[:1] == b"\x80":
+        what = "it is a plain Python pickle, which can run code when loaded; smskd never loads one"
+    elif _is_text(head):
+        what = "it holds text (a config or log file?)"
+    else:
+        what = f"it starts with the bytes {head[:8].hex(' ')}"
+    return UserError(f"checkpoint {str(path)!r} is not a torch or safetensors checkpoint: {what}")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a cut last character
+    except UnicodeDecodeError:
+        return False
+    return "".join(text.split()).isprintable()
+
+
+def _torch_load(path: Path, handle: BinaryIO, map_location: str | torch.device) -> Any:
+    try:
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols and TorchScript archives: reported below.
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(handle, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            lines = [line.strip() for line in str(err).splitlines()]
-            # torch's message opens with advice to load unsafely; the useful line names
-            # what the file tried to import.
-            named = [line for line in lines if "GLOBAL" in line or "global" in line]
-            first = named[0] if named else _first_line(err)
+    except pickle.UnpicklingError as err:
+        imported = re.search(r"GLOBAL (\S+)", str(err))
+        if imported is None:
             raise UserError(
-                f"checkpoint {str(path)!r} was refused: it holds more than tensors and plain "
-                f"containers (safe loading, weights_only=True): {first}"
+                f"checkpoint {str(path)!r} is unreadable (truncated, or it holds more than "
+                "tensors and plain containers)"
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as err:
+        raise UserError(
+            f"checkpoint {str(path)!r} was refused: it would import {imported.group(1)}, and "
+            "smskd loads tensors and plain containers only, never code"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError) as err:
+        if "TorchScript" in str(err):
             raise UserError(
-                f"checkpoint {str(path)!r} is unreadable (truncated or not a torch file): "
-                f"{_first_line(err)}"
+                f"checkpoint {str(path)!r} is a TorchScript archive (a program, not weights); "
+                "give the state_dict file it was exported from (student.pt)"
             ) from None
+        raise UserError(
+            f"checkpoint {str(path)!r} is unreadable (truncated or not a torch file): "
+            f"{_torch_detail(err)}"
+        ) from None
+
+
+def _torch_detail(err: BaseException) -> str:
+    """The first line of a torch error that gives no advice: torch's is to load without
+    ``weights_only`` or to allowlist classes, which is never right for a file from elsewhere."""
+    for line in str(err).splitlines():
+        line = line.strip()
+        if line and not re.search(r"weights_only|safe_globals|trust", line):
+            return line
+    return type(err).__name__
 
 
 def _first_line(err: BaseException) -> str:
@@ -351,11 +489,14 @@ def load_latest(
     map_location: str | torch.device = "cpu",
     *,
     log: Callable[[str], None] | None = None,
+    check: Callable[[Any, Path], None] | None = None,
 ) -> tuple[Any, Path]:
     """The newest good run checkpoint in ``directory``: ``last.pt``, else ``last.prev.pt``.
 
     A candidate that is missing, fails verification or cannot be read is skipped
     with a message to ``log`` (default: a logging warning); none good is a UserError.
+    ``check(state, path)`` judges the one taken; its UserError is not skipped past: a
+    whole checkpoint that is wrong for the run is no damage that an older one repairs.
     """
     directory = Path(directory)
     warn = log or logger.warning
@@ -370,6 +511,11 @@ def load_latest(
         except UserError as err:
             problems.append(str(err))
             continue
+        if check is not None:
+            try:
+                check(state, path)
+            except UserError as err:
+                raise UserError("; ".join([*problems, str(err)])) from None
         if problems:
             warn(f"resuming from {path}, the previous checkpoint: {'; '.join(problems)}")
         return state, path
@@ -384,9 +530,10 @@ def has_checkpoint(directory: str | Path) -> bool:
     return any((Path(directory) / name).exists() for name in (LAST, PREVIOUS))
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A model's weights from ``path``: a plain state_dict or a run checkpoint."""
-    state = safe_load(path)
+def load_state_dict(path: str | Path, *, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """A model's weights from ``path``: a plain state_dict or a run checkpoint (``sha256``:
+    see :func:`safe_load`)."""
+    state = safe_load(path, sha256=sha256)
     # Our run checkpoints keep it under "student"; RepDistiller/mdistiller's under "model".
     for key in ("student", "model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -397,12 +544,25 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, role: str = "model") -> None:
+def misfit(err: RuntimeError) -> str:
+    """The first specific line (a missing key, a size mismatch) of the error that
+    ``Module.load_state_dict`` raises for weights that do not fit."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    return lines[0] if lines else str(err).splitlines()[0]
+
+
+def load_weights(
+    model: torch.nn.Module,
+    path: str | Path,
+    role: str = "model",
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """``model``'s weights from ``path`` (or ``state``, already read from it), or one line
+    naming what does not fit."""
     try:
-        model.load_state_dict(load_state_dict(path))
+        model.load_state_dict(load_state_dict(path) if state is None else state)
     except RuntimeError as err:
-        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-        detail = lines[0] if lines else str(err).splitlines()[0]
+        detail = misfit(err)
         what = "the configured model" if role == "model" else f"the configured {role} model"
         raise UserError(
             f"{role} checkpoint {str(path)!r} does not fit {what} ({detail}); check the "

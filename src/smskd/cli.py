@@ -145,7 +145,14 @@ def cmd_sweep(args: argparse.Namespace) -> Output:
             for r in runs
         ]
         return _rows(rows, ["label", "seed", "group", "stages", "dir"])
-    run_sweep(args.sweep, args.out, overrides=args.set, seeds=seeds, progress=_progress(args))
+    run_sweep(
+        args.sweep,
+        args.out,
+        overrides=args.set,
+        seeds=seeds,
+        only=args.only,
+        progress=_progress(args),
+    )
     data: dict[str, Any] = {"out": args.out, "index": str(Path(args.out) / "index.json")}
     if args.no_report:
         return Output(f"sweep done: {args.out}", data)
@@ -165,7 +172,14 @@ def cmd_report(args: argparse.Namespace) -> Output:
 def cmd_eval(args: argparse.Namespace) -> Output:
     from smskd.experiment import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.model, args.root, args.device)
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        args.model,
+        args.root,
+        args.device,
+        trust_code=args.trust_code,
+    )
     return Output(f"test acc {metrics['acc']:.2f}%  test loss {metrics['loss']:.4f}", metrics)
 
 
@@ -179,6 +193,7 @@ def cmd_export(args: argparse.Namespace) -> Output:
         check=not args.no_check,
         opset=args.opset,
         input_shape=args.input_shape,
+        trust_code=args.trust_code,
     )
     return Output(result.summary(), dataclasses.asdict(result))
 
@@ -283,8 +298,21 @@ def _parser() -> argparse.ArgumentParser:
             required=default_out is None,
             help="run directory" + (f" (default {default_out})" if default_out else ""),
         )
-        p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="start over in an existing run directory: removes the files smskd wrote "
+            "there (named), nothing else",
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def trust_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--trust-code",
+            action="store_true",
+            help="let the run's config.yaml import the model factory it names (only for "
+            "runs you trust: a received run directory is data)",
+        )
 
     def config_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="run config (YAML)")
@@ -385,6 +413,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="dataset directory, for datasets read from disk")
     p.add_argument("--model", help="model name (default: from the run's config.yaml)")
     p.add_argument("--device", default="auto")
+    trust_option(p)
 
     p = command(
         "export",
@@ -405,6 +434,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="C,H,W",
         help="example input shape, when the run's dataset is not on this machine",
     )
+    trust_option(p)
 
     for name, handler, text in (
         ("methods", cmd_methods, "List the KD methods."),
@@ -472,6 +502,18 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             output = args.handler(args)
     except UserError as err:
         print(f"{red('smskd: error:', '1;31')} {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        raise  # main(): the reader of our output left
+    except OSError as err:
+        # The machine, not the input: a full disk, a read-only or vanished directory.
+        # Checkpoints are written atomically, so the last one is whole.
+        where = f": {err.filename}" if err.filename else ""
+        print(
+            f"{red('smskd: error:', '1;31')} {err.strerror or err}{where}; fix that and run "
+            "the command again (a run continues from its last checkpoint with --resume)",
+            file=sys.stderr,
+        )
         return 2
     except RunStopped as stopped:
         again = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--force"]

@@ -7,10 +7,14 @@ Python API: ``Stage(methods=["kd"], epochs=10)`` is validated as it is built.
 
 from __future__ import annotations
 
+import difflib
+import re
+import stat
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NoReturn
 
 import yaml
 from pydantic import (
@@ -18,18 +22,43 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from smskd.errors import UserError, choices
+from smskd.errors import UserError, choices, quote
 
 if TYPE_CHECKING:
     from smskd.data.augment import Augment
 
 
+def _leaf_types(annotation: Any) -> set[Any]:
+    """What a field's values, or its list's items, may be: ``list[int] | None`` → int, None."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return {type(arg) for arg in args}
+    if origin in (typing.Union, types.UnionType, list):
+        return set().union(*map(_leaf_types, args))
+    return {annotation}
+
+
+def _switches_are_not_numbers(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """Pydantic's lax mode reads true as 1 and 'yes' or 1 as true: here a number takes
+    numbers and a switch takes true or false."""
+    takes = _leaf_types(cls.model_fields[info.field_name].annotation)  # type: ignore[index]
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, bool) and bool not in takes and takes & {int, float}:
+            raise ValueError(f"expected a number, not {str(item).lower()}")
+        if bool in takes and isinstance(item, (int, float, str)) and type(item) not in takes:
+            raise ValueError(f"expected true or false, not {quote(item)}")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    _switches = field_validator("*", mode="before")(_switches_are_not_numbers)
 
 
 def _name_shorthand(value: Any) -> Any:
@@ -50,6 +79,7 @@ class MethodSpec(BaseModel):
     weight: float | None = Field(default=None, ge=0, description="β (default: the method's own)")
 
     _wrap = model_validator(mode="before")(_name_shorthand)
+    _switches = field_validator("*", mode="before")(_switches_are_not_numbers)
 
     @model_validator(mode="after")
     def _check_method(self) -> MethodSpec:
@@ -154,7 +184,7 @@ class ModelSpec(_Strict):
     _wrap = model_validator(mode="before")(_name_shorthand)
 
     @model_validator(mode="after")
-    def _known(self) -> ModelSpec:
+    def _known(self, info: ValidationInfo) -> ModelSpec:
         from smskd.models.adapters import resolve_factory
         from smskd.models.registry import check_model_name
 
@@ -162,7 +192,7 @@ class ModelSpec(_Strict):
             raise ValueError("give exactly one of 'name' (a zoo model) or 'factory'")
         if self.name is not None:
             check_model_name(self.name)
-        else:
+        elif (info.context or {}).get("import_code", True):
             try:
                 resolve_factory(self.factory)
             except UserError as err:
@@ -209,7 +239,7 @@ class DataConfig(_Strict):
         from smskd.data.registry import DATASETS
 
         if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; valid: {choices(DATASETS)}")
+            raise ValueError(f"unknown dataset {quote(name)}; valid: {choices(DATASETS)}")
         return name
 
     @model_validator(mode="after")
@@ -348,6 +378,18 @@ class RunConfig(_Strict):
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, device: str) -> str:
+        # What resolve_device and distributed.setup handle; torch knows more (meta, xpu…)
+        # that fail only once training starts.
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", device):
+            raise ValueError(
+                f"unknown device {quote(device)}; valid: 'auto', 'cpu', 'cuda', 'cuda:N' "
+                "(GPU number N), 'mps'"
+            )
+        return device
+
     @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:
         uses_methods = any(stage.methods for stage in self.stages)
@@ -401,14 +443,21 @@ class RunConfig(_Strict):
         return sum(stage.epochs for stage in self.stages)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.dump(self.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(source: str | Path | dict[str, Any], overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML file (or a dict), apply ``key.path=value`` overrides, validate."""
+def load_config(
+    source: str | Path | dict[str, Any], overrides: list[str] = (), *, trust_code: bool = True
+) -> RunConfig:
+    """Read a YAML file (or a dict), apply ``key.path=value`` overrides, validate.
+
+    ``trust_code=False`` is for a config you did not write (a run directory you
+    received, DESIGN.md §7): it is read without importing anything, and one that names
+    code (a model ``factory``) is refused unless the user opts in (``--trust-code``).
+    """
     if isinstance(source, dict):
         raw, where = source, "config"
     else:
@@ -416,30 +465,55 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] = ()) 
         where = str(source)
     for override in overrides:
         apply_override(raw, override)
-    return validate(RunConfig, raw, where)
+    cfg = validate(RunConfig, raw, where, import_code=trust_code)
+    _refuse_idle_reference(raw, cfg, where)
+    if not trust_code:
+        _refuse_code(cfg, where)
+    return cfg
+
+
+def _refuse_code(cfg: RunConfig, where: str) -> None:
+    named = [m.factory for m in (cfg.student.model, *(t.model for t in cfg.all_teachers))]
+    factories = [f for f in named if f is not None]
+    if factories:
+        raise UserError(
+            f"{where} names code to import (factory {factories[0]!r}); a run directory you "
+            "received is data, and smskd runs no code it names: pass --trust-code "
+            "(trust_code=True) only if you trust where it came from"
+        )
+
+
+def _refuse_idle_reference(raw: dict[str, Any], cfg: RunConfig, where: str) -> None:
+    """A ``reference:`` section in a one-stage config sets nothing (the reference acts from
+    stage 2 on). Not a RunConfig check: recipes derive one-stage runs from multi-stage
+    configs. ``weighting: none`` says what happens; a run directory's config.yaml lists
+    every key, the reference its recipe was derived from included."""
+    section = raw.get("reference")
+    if len(cfg.stages) > 1 or not section or cfg.reference.weighting == "none":
+        return
+    if section != cfg.reference.model_dump(mode="json"):
+        raise UserError(
+            f"{where}: reference: the reference loss acts from stage 2 on and this config "
+            "has one stage; remove the 'reference:' section or add a stage"
+        )
 
 
 def read_yaml_mapping(source: str | Path, what: str, keys: str) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; every failure is one UserError line."""
     path = Path(source)
-    if not path.is_file():
-        raise UserError(f"{what} {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, OSError) as err:
-        raise UserError(f"{path}: cannot read it as UTF-8 text ({err})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+    raw = parse_yaml(_read_text(path, what), str(path))
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of keys ({keys}) at the top")
     return raw
 
 
-def validate(model: type[BaseModel], raw: Any, where: str = "config") -> Any:
+def validate(
+    model: type[BaseModel], raw: Any, where: str = "config", *, import_code: bool = True
+) -> Any:
+    """``raw`` as ``model``, or one UserError line; ``import_code=False`` checks a model
+    ``factory`` by its form only, importing nothing (a config that is data, not code)."""
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, context={"import_code": import_code})
     except ValidationError as err:
         raise UserError(f"{where}: {describe_error(model, err)}") from None
 
@@ -449,10 +523,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise UserError(f"override {override!r} must look like key.path=value")
-    try:
-        value = yaml.safe_load(text) if text else None
-    except yaml.YAMLError:
-        raise UserError(f"override {override!r}: the value {text!r} is not valid YAML") from None
+    value = parse_yaml(text, f"override {override!r}") if text else None
     parts = key.split(".")
     targets: list[Any] = [raw]
     for part in parts[:-1]:
@@ -500,8 +571,11 @@ def describe_error(model: type[BaseModel], err: ValidationError) -> str:
     kind, msg = first["type"], first["msg"]
     if kind == "extra_forbidden":
         parent = _model_at(model, loc[:-1])
-        valid = f"; valid keys: {choices(parent.model_fields)}" if parent else ""
-        return f"unknown key {path!r}{valid}"
+        fields = parent.model_fields if parent else {}
+        close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+        guess = f"; did you mean {close[0]!r}" if close else ""
+        valid = f"; valid keys: {choices(fields)}" if fields else ""
+        return f"unknown key {quote(path)}{guess}{valid}"
     if kind == "missing":
         return f"{path}: required key is missing"
     msg = msg.removeprefix("Value error, ")
@@ -515,8 +589,9 @@ def describe_error(model: type[BaseModel], err: ValidationError) -> str:
         "model_type",
         "int_from_float",
         "model_attributes_type",
+        "literal_error",
     ):
-        msg += f" (got {first.get('input')!r})"
+        msg += f" (got {quote(first.get('input'))})"
     return f"{path}: {msg}"
 
 
@@ -543,3 +618,209 @@ def _unwrap(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return args[0] if len(args) == 1 else annotation
     return annotation
+
+
+# --------------------------------------------------------------------------- YAML
+
+# What one YAML text may cost (DESIGN.md §7), checked as it is read.
+MAX_YAML_BYTES = 2**20
+MAX_YAML_DEPTH = 100  # nested lists and mappings, aliases expanded
+MAX_YAML_NODES = 100_000  # keys and values, aliases expanded: refuses "billion laughs"
+_TOO_DEEP = f"nested deeper than {MAX_YAML_DEPTH} levels, aliases expanded (smskd's limit)"
+
+_TAG = "tag:yaml.org,2002:"
+_NULL, _MERGE = _TAG + "null", _TAG + "merge"
+# YAML 1.2's core schema, where PyYAML reads 1.1: "on", "yes", "n" stay strings, 2:00 is
+# not 120, 010 is ten; name → (pattern, first characters, conversion).
+_CORE_SCALARS: dict[str, tuple[str, str, Callable[[str], Any]]] = {
+    "bool": ("true|True|TRUE|false|False|FALSE", "tTfF", lambda text: text.lower() == "true"),
+    "int": (
+        "[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+",
+        "-+0123456789",
+        lambda text: int(text, {"0o": 8, "0x": 16}.get(text[:2], 10)),
+    ),
+    "float": (
+        r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)",
+        "-+.0123456789",
+        lambda text: float(text.lower().replace(".inf", "inf").replace(".nan", "nan")),
+    ),
+}
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` as smskd reads every YAML it is given (config and sweep files, ``--set``
+    values): YAML 1.2 core scalars, no key given twice in one mapping, and the limits
+    above; every failure is one UserError line that starts with ``where``."""
+    try:
+        loader = _Loader(text, where)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise UserError(f"{where}: not valid YAML{at}: {problem}") from None
+
+
+_SPECIAL_FILES = {
+    "p": "a named pipe (FIFO)",
+    "c": "a character device",
+    "b": "a block device",
+    "s": "a socket",
+}
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, ValueError):  # ValueError: a NUL in the path
+        raise UserError(f"{what} {str(path)!r} does not exist") from None
+    except OSError as err:
+        raise UserError(f"{what} {str(path)!r}: cannot read it ({err.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what} {str(path)!r} is a directory; give a YAML file")
+    if not stat.S_ISREG(mode):
+        # Never opened: reading a FIFO waits for a writer, a device may never end.
+        kind = _SPECIAL_FILES.get(stat.filemode(mode)[0], "a special file")
+        raise UserError(f"{what} {str(path)!r} is not a regular file but {kind}; give a YAML file")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_YAML_BYTES + 1)
+        if len(data) > MAX_YAML_BYTES:
+            raise UserError(
+                f"{what} {str(path)!r} is larger than {MAX_YAML_BYTES >> 20} MiB, smskd's "
+                "limit for a YAML file"
+            )
+        return data.decode("utf-8")
+    except (UnicodeDecodeError, OSError) as err:
+        raise UserError(f"{path}: cannot read it as UTF-8 text ({err})") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader made to read YAML 1.2's core schema (no dates, no sets, no
+    binary), to refuse a key given twice in one mapping (a ``<<`` merge is not a second
+    time), and to measure every node as it is composed, aliases expanded, so that the
+    limits hold before anything large is built."""
+
+    yaml_implicit_resolvers: ClassVar[dict[Any, list[tuple[str, re.Pattern[str]]]]] = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag in (_NULL, _MERGE)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    yaml_constructors: ClassVar[dict[Any, Any]] = {
+        tag: construct
+        for tag, construct in yaml.SafeLoader.yaml_constructors.items()
+        if tag is None or tag in (_NULL, _TAG + "str", _TAG + "seq", _TAG + "map")
+    }
+
+    def __init__(self, text: str, where: str) -> None:
+        super().__init__(text)
+        self.where = where
+        self._open = 0  # collections being composed around the current node
+        self._size: dict[int, tuple[int, int]] = {}  # id(node) → (nodes, depth)
+        self._flat: set[int] = set()  # ids of the mappings whose merges are resolved
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if id(node) not in self._size:
+                self._refuse(event.start_mark, f"alias *{event.anchor} is inside its own anchor")
+            return node
+        # Composing recurses: stop before Python's stack does, with the limit's message.
+        if self._open > MAX_YAML_DEPTH:
+            self._refuse(event.start_mark, _TOO_DEEP)
+        self._open += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._open -= 1
+        self._measure(node)
+        return node
+
+    def _measure(self, node: yaml.Node) -> None:
+        if isinstance(node, yaml.ScalarNode):
+            self._size[id(node)] = (1, 0)
+            return
+        pairs = node.value if isinstance(node, yaml.MappingNode) else [node.value]
+        sizes = [self._size[id(child)] for pair in pairs for child in pair]
+        nodes = 1 + sum(n for n, _ in sizes)
+        depth = 1 + max((d for _, d in sizes), default=0)
+        if depth > MAX_YAML_DEPTH:
+            self._refuse(node.start_mark, _TOO_DEEP)
+        if nodes > MAX_YAML_NODES:
+            self._refuse(
+                node.start_mark,
+                f"the value here is more than {MAX_YAML_NODES} nodes once aliases are "
+                "expanded (smskd's limit, against alias bombs); use fewer nested aliases",
+            )
+        self._size[id(node)] = (nodes, depth)
+
+    def _refuse(self, mark: yaml.Mark, problem: str) -> NoReturn:
+        raise UserError(f"{self.where}: line {mark.line + 1}: {problem}")
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Resolve ``<<`` merges: a key written here overrides a merged one, and of two
+        merged mappings the first wins. Not PyYAML's: 6.0.3 and later keep the merged
+        value over the written one where a mapping with merges is merged in turn."""
+        if id(node) in self._flat:
+            return
+        self._flat.add(id(node))
+        written = [pair for pair in node.value if pair[0].tag != _MERGE]
+        self._refuse_repeated_keys(written)
+        pairs: dict[Any, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE:
+                continue
+            merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in merged:
+                if not isinstance(source, yaml.MappingNode):
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "'<<' merges a mapping or a list of them", source.start_mark
+                    )
+                self.flatten_mapping(source)
+                for pair in source.value:
+                    pairs.setdefault(self._key(pair[0]), pair)
+        pairs.update((self._key(pair[0]), pair) for pair in written)
+        node.value = list(pairs.values())
+
+    def _key(self, node: yaml.Node) -> Any:
+        return self.construct_object(node) if isinstance(node, yaml.ScalarNode) else id(node)
+
+    def _refuse_repeated_keys(self, pairs: list[tuple[yaml.Node, yaml.Node]]) -> None:
+        lines: dict[Any, int] = {}
+        for key_node, _ in pairs:
+            key, line = self._key(key_node), key_node.start_mark.line + 1
+            if key in lines:
+                raise UserError(
+                    f"{self.where}: key {quote(key)} appears twice, at lines {lines[key]} "
+                    f"and {line}; keep one"
+                )
+            lines[key] = line
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes what :class:`_Loader` reads back: it quotes a string that YAML 1.1 or 1.2
+    would read as something else ("on", "1e3")."""
+
+
+def _construct_core(loader: _Loader, node: yaml.Node) -> Any:
+    name = node.tag.removeprefix(_TAG)
+    pattern, _, convert = _CORE_SCALARS[name]
+    text = loader.construct_scalar(node)  # type: ignore[arg-type]
+    if not re.fullmatch(pattern, text):  # under an explicit tag: !!int abc
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is not a YAML 1.2 {name}", node.start_mark
+        )
+    return convert(text)
+
+
+def _core_schema() -> None:
+    for name, (pattern, first, _) in _CORE_SCALARS.items():
+        _Loader.add_constructor(_TAG + name, _construct_core)
+        for cls in (_Loader, _Dumper):
+            cls.add_implicit_resolver(_TAG + name, re.compile(f"(?:{pattern})$"), list(first))
+
+
+_core_schema()

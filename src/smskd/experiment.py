@@ -10,7 +10,6 @@ with its ``.sha256`` sidecar; ``.lock`` while a run is writing to it
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -21,27 +20,28 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from smskd import distributed
-from smskd.checkpoint import export_weights, load_weights, move_checkpoint
+from smskd import distributed, rundir
+from smskd.checkpoint import export_weights, load_state_dict, load_weights, move_checkpoint
 from smskd.config import (
     DataConfig,
     ModelSpec,
     RunConfig,
     TeacherConfig,
     load_config,
+    read_yaml_mapping,
     validate,
 )
 from smskd.data.augment import Augment
 from smskd.data.download import download
 from smskd.data.image_folder import ImageFolderSource
-from smskd.data.memory import InMemoryLoader, stratified_subset
+from smskd.data.memory import InMemoryLoader, check_batch_size, stratified_subset
 from smskd.data.registry import DATASETS, load_dataset
 from smskd.engine import evaluate
 from smskd.errors import UserError
 from smskd.models.ensemble import LogitAverage
 from smskd.models.registry import build_from_factory, build_model
 from smskd.pipeline import RunResult, check_stages, resolve_device, run_stages
-from smskd.runlock import LOCK_NAME, make_run_dir, run_lock
+from smskd.runlock import run_lock
 from smskd.taps import ModelLayout
 
 TEACHER_WEIGHTS = "teacher.pt"
@@ -74,7 +74,14 @@ def prepare_data(
         return _folder_loaders(cfg, source, augment, seed, rank, world_size)
     train_split = source.train
     if cfg.train_subset is not None:
+        if cfg.train_subset > len(train_split):
+            raise UserError(
+                f"data.train_subset {cfg.train_subset} is larger than the {len(train_split)} "
+                f"training images of {cfg.name}; use at most {len(train_split)}, or drop it "
+                "to train on them all"
+            )
         train_split = stratified_subset(train_split, cfg.train_subset, seed=0)
+    check_batch_size(cfg.batch_size, len(train_split))
     shards = {"rank": rank, "world_size": world_size}
     train = InMemoryLoader(
         train_split,
@@ -103,6 +110,7 @@ def _folder_loaders(
 ) -> Data:
     if cfg.train_subset is not None:
         raise UserError("data.train_subset works for in-memory datasets; use in_memory: true")
+    check_batch_size(cfg.batch_size, source.num_train)
     train_set = source.dataset("train", augment, seed)
     test_set: Dataset = source.dataset("val", None, seed)
     if world_size > 1:  # contiguous shards, each sample once: evaluation sums are exact
@@ -112,7 +120,9 @@ def _folder_loaders(
     # DistributedSampler also for one process: its set_epoch gives each epoch its order.
     sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed)
     workers = {"num_workers": cfg.num_workers, "persistent_workers": False}
-    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, **workers)
+    # As InMemoryLoader: a shard no larger than one batch keeps it, or no step would run.
+    drop_last = len(sampler) > cfg.batch_size
+    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=drop_last, **workers)
     test = DataLoader(test_set, cfg.eval_batch_size, shuffle=False, **workers)
     return Data(train, test, source.num_classes, source.in_channels, len(train_set))
 
@@ -143,44 +153,37 @@ def _locked(out: Path, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _clear_run_dir(out: Path) -> None:
-    """Delete everything in ``out`` but the lock that this run holds (``--force``)."""
-    if not out.is_dir():
-        return
-    for entry in out.iterdir():
-        if entry.name == LOCK_NAME:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
-
-def _claim_run_dir(out: Path, cfg_yaml: str, resume: bool, force: bool) -> None:
-    """Refuse to clobber another run; on resume, insist on the same config.
+def _prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
+    """Make ``out`` a run directory before anything is written into it (rundir.claim):
+    refuse one that is not smskd's, and a finished or half-done run unless ``resume``
+    or ``force``; ``force`` removes what smskd wrote there, nothing else.
 
     Called with ``OUT/.lock`` held (:func:`_locked`), so no other run is writing here.
     """
-    saved = out / "config.yaml"
-    main = distributed.current().is_main  # every rank checks; only rank 0 writes
-    exists = saved.exists()
+    rundir.claim(out, rundir.RUN, write=False)  # every rank checks; only rank 0 writes
+    if (out / "config.yaml").exists() and not (resume or force):
+        raise UserError(
+            f"{out} already holds a run; pass --resume to continue it, --force to start "
+            "over (it removes only the files smskd wrote), or choose another --out"
+        )
     distributed.barrier()  # every rank has looked before rank 0 changes anything
-    if exists:
+    if distributed.current().is_main:
         if force:
-            if main:
-                _clear_run_dir(out)
-        elif not resume:
-            raise UserError(
-                f"{out} already holds a run; pass --resume to continue it, --force to start "
-                "over, or choose another --out"
-            )
-        elif not _same_config(saved, cfg_yaml):
-            raise UserError(
-                f"{out} holds a run with a different config; pass --force to start over "
-                "or choose another --out"
-            )
-    if main:
-        make_run_dir(out)
+            rundir.clear(out, rundir.RUN)
+        rundir.claim(out, rundir.RUN)
+    distributed.barrier()
+
+
+def _claim_config(out: Path, cfg_yaml: str, resume: bool) -> None:
+    """Write the run's resolved config; on resume, insist it is the one already there."""
+    saved = out / "config.yaml"
+    if resume and saved.exists() and not _same_config(saved, cfg_yaml):
+        raise UserError(
+            f"{out} holds a run with a different config; pass --force to start over "
+            "or choose another --out"
+        )
+    distributed.barrier()  # every rank has compared before rank 0 writes
+    if distributed.current().is_main:
         saved.write_text(cfg_yaml)
     distributed.barrier()
 
@@ -191,7 +194,9 @@ def _same_config(saved: Path, cfg_yaml: str) -> bool:
     if saved.read_text() == cfg_yaml:
         return True
     try:
-        return load_config(saved).to_yaml() == cfg_yaml
+        # Compared, never built: a received directory's config may name code to import.
+        raw = read_yaml_mapping(saved, "config file", "seed, data, stages, ...")
+        return validate(RunConfig, raw, str(saved), import_code=False).to_yaml() == cfg_yaml
     except UserError:
         return False
 
@@ -221,7 +226,8 @@ def train_teacher(
     torch.manual_seed(cfg.seed)
     teacher = make_model(cfg.teacher.model, data)
     with _locked(out, device):
-        _claim_run_dir(out, teacher_cfg.to_yaml(), resume, force)
+        _prepare_run_dir(out, resume, force)
+        _claim_config(out, teacher_cfg.to_yaml(), resume)
         result = run_stages(
             teacher,
             None,
@@ -333,9 +339,7 @@ def distill(
         raise UserError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only)")
     device = resolve_device(device_name)
     with _locked(out, device):
-        if force and dist.is_main:
-            _clear_run_dir(out)
-        distributed.barrier()
+        _prepare_run_dir(out, resume, force)
         cfg = resolve_teacher(
             cfg,
             out,
@@ -344,7 +348,7 @@ def distill(
             progress=progress,
             tracking_root=tracking_root or out,
         )
-        _claim_run_dir(out, cfg.to_yaml(), resume, force=False)
+        _claim_config(out, cfg.to_yaml(), resume)
         data = prepare_data(cfg.data, cfg.seed, device, dist.rank, dist.world_size)
         student, teacher = _models(cfg, data)
         if cfg.sync_batchnorm and dist.enabled:
@@ -388,11 +392,18 @@ def evaluate_checkpoint(
     model_name: str | None = None,
     root: str | None = None,
     device: str = "auto",
+    *,
+    trust_code: bool = False,
 ) -> dict[str, float]:
-    """Test accuracy of saved weights; model and data default to the run's config.yaml."""
+    """Test accuracy of saved weights; model and data default to the run's config.yaml.
+
+    That config is data (the run may come from someone else): nothing it names is
+    imported unless ``trust_code``, and it downloads nothing.
+    """
     path = Path(checkpoint)
+    weights = load_state_dict(path)  # first: a file that is no checkpoint says so at once
     saved = path.parent / "config.yaml"
-    cfg = load_config(saved) if saved.exists() else None
+    cfg = load_config(saved, trust_code=trust_code) if saved.exists() else None
     if model_name is None:
         if cfg is None:
             raise UserError(f"no config.yaml beside {path}; pass --model NAME")
@@ -401,11 +412,11 @@ def evaluate_checkpoint(
     else:
         model_spec = validate(ModelSpec, {"name": model_name}, "--model")
     if cfg is not None and dataset_name in (None, cfg.data.name):
-        data_cfg = cfg.data if root is None else cfg.data.model_copy(update={"root": root})
+        data_cfg = cfg.data.model_copy(update={"download": False, "root": root or cfg.data.root})
     else:
         data_cfg = validate(DataConfig, {"name": dataset_name or "digits", "root": root}, "--data")
     resolved = resolve_device(device)
     data = prepare_data(data_cfg, cfg.seed if cfg else 0, resolved)
     model = make_model(model_spec, data)
-    load_weights(model, path)
+    load_weights(model, path, state=weights)
     return evaluate(model.to(resolved), data.test, resolved)

@@ -27,6 +27,7 @@ import importlib.util
 import io
 import json
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -104,8 +105,12 @@ def export_student(
     check: bool = True,
     opset: int | None = None,
     input_shape: tuple[int, int, int] | None = None,
+    trust_code: bool = False,
 ) -> ExportResult:
     """Write the student of the finished run ``run_dir`` to ``out`` as ``fmt``.
+
+    The run's ``config.yaml`` is data: a model ``factory`` it names is imported only
+    with ``trust_code`` (DESIGN.md §7).
 
     ``fmt`` is ``"onnx"``, ``"safetensors"`` or ``"torchscript"`` (see the module
     doc); ``opset`` is the ONNX opset (default: the exporter's). The student is
@@ -138,7 +143,7 @@ def export_student(
         raise UserError(f"--out {str(out)!r} is a directory; give the file to write")
     if out.resolve() in (weights.resolve(), config_path.resolve()):
         raise UserError(f"--out {str(out)!r} would overwrite the run's own files; choose another")
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, trust_code=trust_code)
     if input_shape is None:
         data, inputs = _test_data(cfg)
     else:
@@ -185,7 +190,7 @@ def _run_files(run: Path) -> tuple[Path, Path]:
             f"{str(run)!r} holds no config.yaml, so it is not a run directory; give the --out "
             "directory of smskd distill"
         )
-    if not weights.is_file():
+    if not os.path.lexists(weights):  # anything else there: safe_load says what it is
         if (run / TEACHER_WEIGHTS).is_file():
             raise UserError(
                 f"{str(run)!r} is a teacher run (teacher.pt, no student.pt); export exports a "

@@ -14,6 +14,8 @@ mid-epoch included, bit-identical on CPU for the same seed.
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,6 +34,7 @@ from smskd.checkpoint import (
     has_checkpoint,
     load_latest,
     load_state_dict,
+    misfit,
     rng_state,
     set_rng_state,
 )
@@ -55,14 +58,14 @@ from smskd.engine import (
 )
 from smskd.errors import UserError
 from smskd.interrupt import RunStopped, StopRequest
-from smskd.methods.base import DistillMethod, StageContext
+from smskd.methods.base import DistillMethod, StageContext, check_batch_memory
 from smskd.methods.registry import build_method
 from smskd.output_cache import cache_outputs
 from smskd.reference import make_reference
 from smskd.taps import FeatureTaps, layout_of
 from smskd.tracking import MetricsLog, RunTracker, check_backends
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 1  # the newest layout of last.pt this version reads and writes
 
 
 @dataclass
@@ -245,10 +248,16 @@ def _setup_methods(
     device: torch.device,
     num_samples: int | None,
 ) -> None:
-    """Size each method's helpers from one probe forward (no grad, BN statistics kept);
-    no forward when no method builds anything from it (KD, RKD...: nothing to size)."""
+    """Size each method's helpers from one probe forward (no grad, BN statistics kept),
+    after checking the batch against what the methods estimate they need; no forward
+    when no method builds or estimates anything from it (KD, DKD...: nothing to size)."""
     student = models.student
-    if any(type(m).setup is not DistillMethod.setup or m.needs_index for m in methods):
+    if any(
+        type(m).setup is not DistillMethod.setup
+        or type(m).batch_memory is not DistillMethod.batch_memory
+        or m.needs_index
+        for m in methods
+    ):
         x, y, index = unpack_batch(probe_batch, device)
         needing_index = [m.name for m in methods if m.needs_index]
         if needing_index and index is None:
@@ -264,6 +273,7 @@ def _setup_methods(
             probe = forward_outputs(models, x, y, index)
         student.train(was_training)
         context = StageContext(stage.epochs, num_samples, probe.student_logits.shape[1])
+        check_batch_memory(methods, len(x), probe, context)
         for method in methods:
             method.setup(probe, context)
     for method in methods:
@@ -306,6 +316,8 @@ def run_stages(
     adds TensorBoard / MLflow to the CSV and JSONL logs (``["tensorboard", "mlflow"]``
     or a :class:`~smskd.config.TrackingConfig`; they need ``out_dir``), with
     ``hparams`` as the run's hyper-parameters (default: seed, stages and reference).
+    Checkpoints record the seed, the stages and ``hparams`` (but its ``tracking``);
+    ``resume`` refuses one that another run wrote.
     """
     if not stages:
         raise UserError("the stage list is empty: give at least one Stage")
@@ -382,6 +394,8 @@ class _Run:
 
     def execute(self, resume: bool, progress: bool) -> RunResult:
         self.dist = distributed.current()
+        self.identity = _identity(self.seed, self.stages, self.hparams)
+        self.snapshots: dict[int, str] = {}  # stage k → SHA-256 of stage{k}.pt, as written
         # Under DDP every rank trains and reads checkpoints; only rank 0 writes or talks.
         self.writes = self.out is not None and self.dist.is_main
         if not self.dist.is_main:
@@ -453,14 +467,52 @@ class _Run:
             return None
         # On the CPU: RNG states must stay CPU tensors; load_state_dict copies to the device.
         # A damaged last.pt (size or checksum) falls back to last.prev.pt, saying so.
-        state, path = load_latest(self.checkpoints, "cpu", log=self.log)
-        if state.get("num_stages") != len(self.stages):
+        state, path = load_latest(self.checkpoints, "cpu", log=self.log, check=self._check_ours)
+        try:
+            self.student.load_state_dict(state["student"])
+        except RuntimeError as err:
             raise UserError(
-                f"cannot resume from {path}: it was written for "
-                f"{state.get('num_stages')} stages, this run has {len(self.stages)}"
-            )
-        self.student.load_state_dict(state["student"])
+                f"checkpoint {str(path)!r} does not fit this run's student "
+                f"({misfit(err)}); resume the run it came from, or start over with --force"
+            ) from None
+        self.snapshots = dict(state.get("snapshots", {}))
         return state
+
+    def _check_ours(self, state: Any, path: Path) -> None:
+        """Refuse a checkpoint this run cannot continue: not a run checkpoint, a newer
+        format, or another run's (seed, stages or config differ). One written before
+        checkpoints recorded their run is trusted for what it cannot tell."""
+        where = f"checkpoint {str(path)!r}"
+        version = state.get("format", 1) if isinstance(state, dict) else 1
+        if type(version) is not int or version < 1:
+            raise UserError(
+                f"{where} has checkpoint format {version!r}, which no smskd writes; start over "
+                "with --force"
+            )
+        if version > CHECKPOINT_FORMAT:
+            raise UserError(
+                f"{where} has checkpoint format {version}, from a newer smskd (this one reads "
+                f"up to {CHECKPOINT_FORMAT}); upgrade smskd to resume it"
+            )
+        if not isinstance(state, dict) or not {"student", "stage", "epoch"} <= state.keys():
+            raise UserError(
+                f"{where} is not a run checkpoint (no training state: weights copied in?); "
+                "start over with --force"
+            )
+        theirs = state.get("identity")
+        if not isinstance(theirs, dict):
+            if state.get("num_stages") != len(self.stages):
+                raise UserError(
+                    f"cannot resume from {path}: it was written for "
+                    f"{state.get('num_stages')} stages, this run has {len(self.stages)}"
+                )
+            return
+        difference = _difference(theirs, self.identity)
+        if difference is not None:
+            raise UserError(
+                f"{where} belongs to another run ({difference}); resume the run it came "
+                "from, or start over with --force"
+            )
 
     def _stage(self, k: int, first_epoch: int, state: dict[str, Any] | None) -> None:
         stage = self.stages[k]
@@ -468,8 +520,10 @@ class _Run:
         ref_model = None
         if k > 0 and self.reference_cfg.weighting != "none":
             # Built before the stage's taps exist: a deep copy would copy the hooks.
-            resumed = state is not None and self.checkpoints is not None
-            stage_end = load_state_dict(self.checkpoints / f"stage{k}.pt") if resumed else None
+            stage_end = None
+            if state is not None and self.checkpoints is not None:
+                snapshot = self.checkpoints / f"stage{k}.pt"
+                stage_end = load_state_dict(snapshot, sha256=self.snapshots.get(k))
             ref_model = make_reference(self.student, stage_end)
         torch.manual_seed(self.seed * 7919 + k)  # helpers' init does not depend on history
         models, methods = _build_stage(
@@ -609,7 +663,8 @@ class _Run:
         if self.writes:
             if epoch + 1 == stage.epochs:
                 # Before last.pt: a resume in stage k+2 rebuilds its reference from it.
-                atomic_save(self.student.state_dict(), self.checkpoints / f"stage{k + 1}.pt")
+                snapshot = self.checkpoints / f"stage{k + 1}.pt"
+                self.snapshots[k + 1] = atomic_save(self.student.state_dict(), snapshot)
             self._save(parts, epoch + 1, None)
         self.bar.epoch_done(train["loss"], test["acc"])
         if self.stop.requested:
@@ -664,6 +719,8 @@ class _Run:
         self.tracker.flush()
         state = {
             "format": CHECKPOINT_FORMAT,
+            "identity": self.identity,
+            "snapshots": dict(self.snapshots),
             "num_stages": len(self.stages),
             "stage": parts.index,
             "epoch": epoch,
@@ -679,6 +736,74 @@ class _Run:
             "rng": rng_state(),
         }
         atomic_save(state, self.checkpoints / "last.pt", keep_previous=True)
+
+
+def _identity(seed: int, stages: Sequence[Stage], hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """What tells this run's checkpoints from another's: seed, stage layout and config.
+
+    The config goes as canonical JSON text, not a hash: a resume then names the key that
+    differs, and a key that only one side has (a newer smskd's) is no difference. Its
+    ``tracking`` section is left out: it changes where numbers go, not the training.
+    """
+    config = {key: value for key, value in hparams.items() if key != "tracking"}
+    return {
+        "seed": seed,
+        "stages": [[stage.label, stage.epochs] for stage in stages],
+        "config": json.dumps(config, sort_keys=True, default=_stable_text),
+    }
+
+
+def _stable_text(value: object) -> str:
+    # A value JSON cannot hold is compared by its text, less the memory address that
+    # a default repr carries and no other process shares.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(value))
+
+
+def _difference(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str | None:
+    """How checkpoint identity ``theirs`` differs from this run's ``ours``, in words."""
+    if theirs.get("seed") != ours["seed"]:
+        return f"seed {theirs.get('seed')}; this run has seed {ours['seed']}"
+    if theirs.get("stages") != ours["stages"]:
+        return f"stages {_layout(theirs.get('stages'))}; this run has {_layout(ours['stages'])}"
+    try:
+        config = json.loads(theirs.get("config", "{}"))
+    except (TypeError, ValueError):
+        return "its recorded config is unreadable"
+    found = _first_change(config, json.loads(ours["config"]), "")
+    if found is None:
+        return None
+    key, their_value, our_value = found
+    return f"{key} is {_short(their_value)}; this run has {_short(our_value)}"
+
+
+def _layout(stages: Any) -> str:
+    try:
+        return ", ".join(
+            f"{label} ({epochs} epoch{'' if epochs == 1 else 's'})" for label, epochs in stages
+        )
+    except (TypeError, ValueError):  # not pairs: no smskd wrote it
+        return repr(stages)
+
+
+def _first_change(theirs: Any, ours: Any, key: str) -> tuple[str, Any, Any] | None:
+    """The first key (``stages.0.optimizer.lr``) whose value differs; keys only one side
+    has are skipped, as ``config.yaml`` from before a key existed reads as its default."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        pairs = [(name, theirs[name], ours[name]) for name in sorted(theirs.keys() & ours.keys())]
+    elif isinstance(theirs, list) and isinstance(ours, list) and len(theirs) == len(ours):
+        pairs = [(str(i), a, b) for i, (a, b) in enumerate(zip(theirs, ours, strict=True))]
+    else:
+        return None if theirs == ours else (key or "the config", theirs, ours)
+    for name, a, b in pairs:
+        found = _first_change(a, b, f"{key}.{name}" if key else name)
+        if found is not None:
+            return found
+    return None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass

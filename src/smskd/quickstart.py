@@ -7,10 +7,10 @@ equal by a test); the other rows are its baselines at the same student budget
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from smskd import rundir
 from smskd.config import RunConfig, validate
 from smskd.experiment import distill, evaluate_checkpoint, resolve_teacher
 from smskd.recipes import recipe
@@ -63,8 +63,10 @@ def run_quickstart(
 ) -> list[Row]:
     out = Path(out_dir)
     cfg = quickstart_config(teacher_epochs, stage_epochs, seed)
-    if force and out.exists():
-        shutil.rmtree(out)
+    rundir.claim(out, rundir.QUICKSTART, write=False)
+    if force:
+        rundir.clear(out, rundir.QUICKSTART, log)
+    rundir.claim(out, rundir.QUICKSTART)
     cfg = resolve_teacher(cfg, out, resume=True, force=False, progress=progress)
     teacher_acc = evaluate_checkpoint(cfg.teacher.checkpoint, device=cfg.device)["acc"]
     log(f"teacher ({cfg.teacher.model.name}): test acc {teacher_acc:.2f}%")

@@ -30,6 +30,7 @@ import itertools
 import json
 import re
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ import torch
 import yaml
 from pydantic import Field, field_validator
 
+from smskd import rundir
 from smskd.checkpoint import atomic_write_text
 from smskd.config import (
     ReferenceConfig,
@@ -156,7 +158,21 @@ def load_sweep(
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=_-]+", "-", text).strip("-")
+    """One readable path component for a label: letters of any script, digits and
+    ``.=_-`` are kept (``β=1`` stays ``β=1``), runs of anything else become ``-``, and
+    leading dots go (never ``..``, never hidden); empty if nothing is left."""
+    kept = re.sub(r"[^\w.=-]+", "-", unicodedata.normalize("NFC", text))
+    return kept.lstrip(".-").rstrip("-")
+
+
+def _dir_name(label: str, where: str) -> str:
+    name = _slug(label)
+    if not name:
+        raise UserError(
+            f"{where}: the label {label!r} leaves no usable directory name; give the "
+            "recipe a 'name:' with letters or digits"
+        )
+    return name
 
 
 def _grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -182,6 +198,12 @@ def plan(sweep: SweepConfig, sweep_path: str | Path, out: str | Path) -> list[Pl
     still has a complete table), each config validated before anything trains."""
     sweep_path, out = Path(sweep_path), Path(out)
     bases = [_base_raw(sweep_path, base) for base in sweep.bases]
+    names = [name for name, _ in bases]
+    if len(set(names)) < len(names):
+        raise UserError(
+            f"{sweep_path}: two base configs are named {names[0]!r} (by their file names); "
+            "their runs would share directories: rename one of the files"
+        )
     root = out if len(bases) == 1 else None
     runs = [
         run
@@ -190,7 +212,14 @@ def plan(sweep: SweepConfig, sweep_path: str | Path, out: str | Path) -> list[Pl
         for entry in sweep.recipes
         for point in _grid_points({**sweep.grid, **entry.grid})
         for run in _entry_runs(
-            sweep, sweep_path, root or out / base_name, base_name, base_raw, entry, point, seed
+            sweep,
+            sweep_path,
+            root or out / _dir_name(base_name, f"{sweep_path}: base config"),
+            base_name,
+            base_raw,
+            entry,
+            point,
+            seed,
         )
     ]
     repeated = [key for key, n in Counter((r.base, r.label, r.seed) for r in runs).items() if n > 1]
@@ -199,6 +228,14 @@ def plan(sweep: SweepConfig, sweep_path: str | Path, out: str | Path) -> list[Pl
             f"{sweep_path}: two recipes give runs labelled {repeated[0][1]!r}; "
             "give one of them a 'name:'"
         )
+    label_of: dict[str, str] = {}
+    for run in runs:
+        other = label_of.setdefault(run.dir, run.label)
+        if other != run.label:
+            raise UserError(
+                f"{sweep_path}: the labels {other!r} and {run.label!r} map to one directory, "
+                f"{run.dir}; give one of them another 'name:'"
+            )
     first_of: dict[str, str] = {}
     for run in runs:
         run.same_as = first_of.get(run.config_sha)
@@ -241,7 +278,7 @@ def _entry_runs(
                 seed=seed,
                 base=base_name,
                 stages=" → ".join(s.label for s in run_cfg.stages),
-                dir=str(out / _slug(label) / f"seed-{seed}"),
+                dir=str(out / _dir_name(label, where) / f"seed-{seed}"),
                 config_sha=hashlib.sha256(text.encode()).hexdigest()[:12],
                 config=run_cfg,
             )
@@ -371,7 +408,7 @@ class Sweep:
     def execute(self) -> list[PlannedRun]:
         from smskd.experiment import distill
 
-        self.out.mkdir(parents=True, exist_ok=True)
+        rundir.claim(self.out, rundir.SWEEP)
         atomic_write_text(self.out / "sweep.yaml", self.sweep_path.read_text(encoding="utf-8"))
         distinct = [r for r in self.runs if r.same_as is None]
         for run in distinct:
@@ -448,7 +485,11 @@ class Sweep:
 def _check_same_config(run: PlannedRun) -> None:
     """A finished run is reused only if it ran the config planned now: a changed sweep
     or base file must not mix old and new results in one report."""
-    saved = load_config(Path(run.dir) / "config.yaml")
+    path = Path(run.dir) / "config.yaml"
+    # Compared, never built: nothing a directory's config names is imported.
+    saved = validate(
+        RunConfig, read_yaml_mapping(path, "config", "seed"), str(path), import_code=False
+    )
     assert run.config is not None
     planned = run.config.all_teachers
     # The sweep fills in the shared teachers' weights; the plan has them still empty.

@@ -32,6 +32,12 @@ class ModelLayout:
     features: tuple[str, ...] = ()
     embedding: str | None = None
 
+    def __post_init__(self) -> None:
+        for tap in self.features:
+            check_tap_name(tap, "taps.features")
+        if self.embedding is not None:
+            check_tap_name(self.embedding, "taps.embedding")
+
     def role(self, role: str) -> str | list[str] | None:
         """Resolve a role (``hint``, ``embedding``, ``last_feature``, ``features``) to taps."""
         if role == "embedding":
@@ -52,9 +58,20 @@ def layout_of(model: nn.Module) -> ModelLayout:
     declared = getattr(model, "tap_layout", None)
     if isinstance(declared, ModelLayout):
         return declared
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # Not the model itself (name ""): a bare nn.Linear has no embedding of its own.
+    linears = [name for name, m in model.named_modules() if name and isinstance(m, nn.Linear)]
     embedding = f"{linears[-1]}{INPUT_SUFFIX}" if linears else None
     return ModelLayout(features=(), embedding=embedding)
+
+
+def check_tap_name(tap: str, option: str) -> None:
+    """Refuse a tap with an empty module name: ``named_modules`` calls the whole model
+    ``""``, so ``""`` or ``":input"`` would silently tap the model's output or input."""
+    if not split_tap(tap)[0]:
+        raise UserError(
+            f"{option}: {tap!r} names no module (an empty name would tap the whole model); "
+            "give a module name as model.named_modules() spells it, e.g. 'layer3' or 'fc:input'"
+        )
 
 
 def split_tap(tap: str) -> tuple[str, bool]:

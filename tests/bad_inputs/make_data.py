@@ -15,6 +15,7 @@ import os
 import pickle
 import struct
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,42 @@ def _state_dict(name: str, num_classes: int, in_channels: int) -> dict[str, torc
     return build_model(name, num_classes, in_channels).state_dict()
 
 
+def write_not_checkpoints(work: Path) -> None:
+    """Files named where a checkpoint belongs that are none: each must be called what it is,
+    never unpickled, never opened if it would block (the FIFO)."""
+    (work / "empty.pt").write_bytes(b"")
+    (work / "random.pt").write_bytes(np.random.default_rng(0).bytes(256))
+    (work / "pickled-object.pt").write_bytes(pickle.dumps(Exploit(work / PWNED)))
+    with warnings.catch_warnings():  # TorchScript is deprecated; its files are still about
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(work / "torchscript.pt"))
+    os.mkfifo(work / "fifo.pt")
+
+
+class DeclaredArray:
+    """Pickles as what numpy's own reduce writes, but declaring an array of ``shape``."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        reconstruct = np.zeros(0).__reduce__()[0]  # numpy's _reconstruct, wherever it lives
+        return (reconstruct, (np.ndarray, self.shape, b"b"))
+
+
+def write_oversized(work: Path) -> None:
+    """Files that declare far more than they hold: a loader must refuse them from their
+    size alone, before allocating what they declare."""
+    folder = make_cifar10(work / "cifar10-huge-array")
+    dump(folder / "data_batch_1", {b"data": DeclaredArray((2**40,)), b"labels": [0]})
+    folder = make_cifar10(work / "cifar10-huge-label")
+    dump(folder / "data_batch_4", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [2**70, 0]})
+    folder = write_fmnist(work / "fmnist-huge-header")
+    # 2³¹·2³¹·4 = 2⁶⁴ wraps to 0 in int64: an empty payload would match the header.
+    header = struct.pack(">HBB", 0, 0x08, 3) + struct.pack(">3I", 2**31, 2**31, 4)
+    (folder / "train-images-idx3-ubyte").write_bytes(header)
+
+
 def build(work: Path) -> Path:
     """Write every fabricated input under ``work``; return ``work``."""
     work.mkdir(parents=True, exist_ok=True)
@@ -97,6 +134,7 @@ def build(work: Path) -> Path:
     torch.save({"fc.weight": Exploit(marker)}, work / "malicious.pt")
     torch.save([1, 2, 3], work / "not-a-state-dict.pt")
     (work / "not-torch.pt").write_text("these are not the weights you are looking for\n")
+    write_not_checkpoints(work)
 
     # --- Fashion-MNIST (idx)
     folder = write_fmnist(work / "fmnist-truncated")
@@ -122,8 +160,10 @@ def build(work: Path) -> Path:
     folder = make_cifar10(work / "cifar10-malicious")
     with (folder / "test_batch").open("wb") as file:
         pickle.dump({b"data": Exploit(marker), b"labels": [0]}, file, protocol=2)
-    make_cifar10(work / "cifar10")
-    make_cifar100(work / "cifar100")
+    # Sound, and at least the default data.batch_size (64) of training images.
+    make_cifar10(work / "cifar10", per_batch=13)
+    make_cifar100(work / "cifar100", train=64)
+    write_oversized(work)
     folder = make_cifar100(work / "cifar100-no-meta")
     (folder / "meta").unlink()
 

@@ -14,6 +14,7 @@ import pickle
 import struct
 import sys
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,32 @@ def test_idx_truncated_gzip_and_missing_files(fmnist_root: Path) -> None:
         load_fashion_mnist(str(fmnist_root))
     with pytest.raises(UserError, match="install the Debian package dataset-fashion-mnist"):
         load_fashion_mnist(str(fmnist_root / "nowhere"))
+
+
+def test_idx_header_sizes_are_checked_before_reading(tmp_path: Path) -> None:
+    header = struct.pack(">HBB", 0, 0x08, 3)
+    # 2³¹·2³¹·4 = 2⁶⁴, 0 in int64: an empty payload used to pass for it.
+    wraps = write(tmp_path / "wraps", header + struct.pack(">3I", 2**31, 2**31, 4))
+    with pytest.raises(UserError, match=r"truncated: header promises 2147483648×2147483648×4"):
+        read_idx(wraps, 3)
+    huge = header + struct.pack(">3I", 60000, 65535, 65535)
+    with pytest.raises(UserError, match="bytes of gzip data unpack to at most"):
+        read_idx(write(tmp_path / "huge.gz", huge + bytes(1000)), 3)
+
+
+def test_idx_gzip_is_read_no_further_than_the_header_promises(tmp_path: Path) -> None:
+    """A small promise followed by a gzip bomb: reading stops one byte past the promise."""
+    image = fake_images(1, 0)
+    bomb = write(tmp_path / "bomb.gz", idx_bytes(image) + bytes(64 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match="has trailing bytes"):
+            read_idx(bomb, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak} bytes allocated for a 784-byte promise"
+    assert np.array_equal(read_idx(write(tmp_path / "ok.gz", idx_bytes(image)), 3), image)
 
 
 def test_read_idx_wrong_dimensions(tmp_path: Path) -> None:
@@ -206,7 +233,7 @@ def test_cifar_damage_is_reported(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"data_batch_2: b'data' has shape \(2, 3000\)"):
         load_cifar10(str(tmp_path))
     dump(batch, {b"data": cifar_pixels(2, 0), b"labels": [0, 1, 2]})
-    with pytest.raises(UserError, match="2 images but b'labels' has shape"):
+    with pytest.raises(UserError, match="b'labels' holds 3 labels for 2 images"):
         load_cifar10(str(tmp_path))
     dump(batch, {b"data": cifar_pixels(2, 0), b"labels": [0, 10]})
     with pytest.raises(UserError, match=r"outside 0\.\.9"):
@@ -222,6 +249,65 @@ def test_cifar_damage_is_reported(tmp_path: Path) -> None:
         load_cifar10(str(tmp_path))
     with pytest.raises(UserError, match=r"cifar10 not found: no .*cifar-10-batches-py"):
         load_cifar10(str(tmp_path / "elsewhere"))
+
+
+class DeclaredArray:
+    """Pickles like numpy's own reduce of an array, but declaring ``shape``."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return np.zeros(0).__reduce__()[0], (np.ndarray, self.shape, b"b")
+
+
+def _opcodes(*parts: bytes, protocol: int = 2) -> bytes:
+    return bytes([0x80, protocol]) + b"".join(parts)
+
+
+# What CPython's unpickler would allocate before reading: a counted bytes object, a memo
+# list as long as the index, numpy.ndarray called with a shape.
+DECLARED = {
+    "bytes8": (_opcodes(b"\x8e", struct.pack("<Q", 2**62), b"ab", protocol=4), f"{2**62} bytes"),
+    "bytes4": (_opcodes(b"B", struct.pack("<I", 2**32 - 1), b"ab", protocol=3), f"{2**32 - 1} b"),
+    "memo": (_opcodes(b"Nr", struct.pack("<I", 2**31), b"."), "memo index 2147483648"),
+    "memo-text": (_opcodes(b"Np99999999999\n."), "memo index 99999999999"),
+    "ndarray-call": (
+        _opcodes(b"cnumpy\nndarray\n", b"J\0\0\0\1J\0\0\0\1\x86\x85R."),
+        "corrupt or truncated",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DECLARED)
+def test_cifar_sizes_a_pickle_declares_are_checked_first(tmp_path: Path, case: str) -> None:
+    folder = make_cifar10(tmp_path)
+    blob, message = DECLARED[case]
+    (folder / "data_batch_5").write_bytes(blob)
+    with pytest.raises(UserError, match=rf"data_batch_5: .*{message}"):
+        load_cifar10(str(tmp_path))
+
+
+def test_cifar_arrays_and_labels_are_bounded_by_the_file(tmp_path: Path) -> None:
+    folder = make_cifar10(tmp_path)
+    batch = folder / "data_batch_1"
+    dump(batch, {b"data": DeclaredArray((2**40,)), b"labels": [0]})
+    with pytest.raises(UserError, match=r"declares an array of 1099511627776 bytes but the file"):
+        load_cifar10(str(tmp_path))
+    pixels = cifar_pixels(2, 0)
+    dump(batch, {b"data": pixels, b"labels": [2**70, 1]})
+    with pytest.raises(UserError, match=r"b'labels' outside 0\.\.9 \(min 1, max 1180591620717"):
+        load_cifar10(str(tmp_path))
+    dump(batch, {b"data": pixels, b"labels": np.array([2**64 - 1, 0], np.uint64)})
+    with pytest.raises(UserError, match=r"outside 0\.\.9"):
+        load_cifar10(str(tmp_path))
+    # One shared list referenced per image: numpy would expand it to images × its length.
+    shared = list(range(1000))
+    dump(batch, {b"data": pixels, b"labels": [shared, shared]})
+    with pytest.raises(UserError, match="b'labels' is not a list of integers"):
+        load_cifar10(str(tmp_path))
+    dump(batch, {b"data": pixels, b"labels": np.array([3, 1], np.int32)})
+    assert load_cifar10(str(tmp_path)).train.labels[:2].tolist() == [3, 1]
 
 
 def test_cifar_default_root_follows_smskd_data(

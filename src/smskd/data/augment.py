@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from smskd.errors import UserError
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -62,6 +64,17 @@ class Augment:
     @property
     def is_identity(self) -> bool:
         return self.crop_padding == 0 and not self.flip
+
+    def check_fits(self, image_size: tuple[int, int]) -> None:
+        """Refuse padding wider than the images: each batch is copied into a zero tensor
+        padded on every side, and a crop from beyond the image would see only zeros."""
+        side = min(image_size)
+        if self.crop_padding > side:
+            raise UserError(
+                f"data.augment.crop_padding {self.crop_padding} is larger than the "
+                f"{image_size[0]}×{image_size[1]} images; use at most {side} "
+                "(the CIFAR recipe pads 4 on 32×32)"
+            )
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """Crop and flip ``images`` (not normalized) with fresh draws from ``generator``."""

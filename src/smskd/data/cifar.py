@@ -21,13 +21,19 @@ https://www.cs.toronto.edu/~kriz/cifar.html and unpack it in the root.
 Pickles can run arbitrary code when loaded, so :class:`CifarUnpickler` resolves
 only the three globals the official files reference (numpy's ``_reconstruct``,
 ``ndarray`` and ``dtype``, as a look at their opcodes shows) and refuses the rest.
+Pickles can also declare sizes that CPython's unpickler allocates before reading
+(a bytes length, a memo index, an array shape): each is checked against the size of
+the file first (:func:`check_declared_sizes`, and the array bound of
+:class:`CifarUnpickler`), so a crafted 1 KB file cannot ask for a terabyte.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import pickle
-from collections.abc import Callable
+import pickletools
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +86,27 @@ class ForbiddenPickle(pickle.UnpicklingError):
     """The pickle asks for something the official CIFAR files never contain."""
 
 
-def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+class OversizedPickle(pickle.UnpicklingError):
+    """The pickle declares more data than its file holds."""
+
+
+class _NdarrayType:
+    """Stands in for ``numpy.ndarray`` as the pickle sees it: a subtype to name, not a
+    constructor to call, since ``ndarray(shape)`` would allocate any shape it is given."""
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any, *, limit: int) -> np.ndarray:
     # numpy's _reconstruct instantiates ``subtype``: allow plain ndarrays only.
-    if subtype is not np.ndarray:
+    if subtype is not _NdarrayType:
         raise ForbiddenPickle("array subtype other than numpy.ndarray")
-    return _np_reconstruct(subtype, shape, dtype)
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    if not all(isinstance(d, int) and d >= 0 for d in dims):
+        raise ForbiddenPickle(f"array shape {shape!r}")
+    nbytes = math.prod(dims) * np.dtype(dtype).itemsize
+    # The official files reconstruct empty arrays and fill them from the file's bytes.
+    if nbytes > limit:
+        raise OversizedPickle(f"an array of {nbytes} bytes")
+    return _np_reconstruct(np.ndarray, shape, dtype)
 
 
 def _dtype(*args: Any) -> np.dtype:
@@ -95,22 +117,49 @@ def _dtype(*args: Any) -> np.dtype:
     return dtype
 
 
-_ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # what the official files name
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # what numpy ≥ 2 writes
-    ("numpy", "ndarray"): np.ndarray,
+_RECONSTRUCT = {
+    ("numpy.core.multiarray", "_reconstruct"),  # what the official files name
+    ("numpy._core.multiarray", "_reconstruct"),  # what numpy ≥ 2 writes
+}
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): _NdarrayType,
     ("numpy", "dtype"): _dtype,
 }
 
 
 class CifarUnpickler(pickle.Unpickler):
-    """Resolves only the globals of :data:`_ALLOWED`; anything else is refused."""
+    """Resolves only numpy's ``_reconstruct``, ``ndarray`` and ``dtype``; anything else
+    is refused, and no array may be larger than ``limit`` bytes."""
+
+    def __init__(self, file: io.BufferedIOBase, *, limit: int, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self.limit = limit
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _RECONSTRUCT:
+            return functools.partial(_reconstruct, limit=self.limit)
         try:
             return _ALLOWED[module, name]
         except KeyError:
             raise ForbiddenPickle(f"forbidden global {module}.{name}") from None
+
+
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def check_declared_sizes(blob: bytes) -> None:
+    """Raise OversizedPickle (or ValueError, if ``blob`` is no pickle) unless every
+    length and memo index the opcodes of ``blob`` declare fits in ``blob``.
+
+    CPython's unpickler allocates a counted bytes object before reading it, and a
+    memo list as long as the largest index it is told to store: both come straight
+    from the file. :func:`pickletools.genops` reads the same opcodes without acting on
+    them, failing where a declared length runs past the end of the data.
+    """
+    for position, (opcode, arg, _) in enumerate(pickletools.genops(blob)):
+        # A pickler numbers its memo entries in order, one per opcode at most.
+        if opcode.name in _MEMO_PUTS and arg > position:
+            raise OversizedPickle(f"memo index {arg} after {position} opcodes")
 
 
 def unpickle(path: Path, hint: str) -> dict[bytes, Any]:
@@ -126,14 +175,28 @@ def unpickle(path: Path, hint: str) -> dict[bytes, Any]:
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror or error}; {hint}") from None
     try:
-        content = CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
+        check_declared_sizes(blob)
+        content = CifarUnpickler(io.BytesIO(blob), limit=len(blob), encoding="bytes").load()
+    except OversizedPickle as error:
+        raise UserError(
+            f"{path}: declares {error} but the file has {len(blob)} bytes: corrupt, or not "
+            f"an official CIFAR file; {hint}"
+        ) from None
     except ForbiddenPickle as error:
         raise UserError(
             f"{path}: refusing to unpickle ({error}): not an official CIFAR file, and "
             f"loading it could run code; {hint}"
         ) from None
     # A cut-off file ends the opcode stream early (EOFError) or mid-argument (others).
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as error:
+    # OverflowError: a number too large for the C type it is read into.
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        OverflowError,
+    ) as error:
         raise UserError(f"{path}: corrupt or truncated pickle ({error!r}); {hint}") from None
     if not isinstance(content, dict):
         raise UserError(f"{path}: holds a {type(content).__name__}, expected a dict; {hint}")
@@ -159,20 +222,28 @@ def read_batch(path: Path, label_key: bytes, num_classes: int, hint: str) -> Arr
         raise UserError(
             f"{path}: b'data' has shape {data.shape}, expected (N, {PIXELS}) = N×3×32×32; {hint}"
         )
-    try:
-        y = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: {label_key!r} is not a list of integers; {hint}") from None
-    if y.shape != (len(data),):
-        raise UserError(f"{path}: {len(data)} images but {label_key!r} has shape {y.shape}; {hint}")
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise UserError(
-            f"{path}: {label_key!r} outside 0..{num_classes - 1} "
-            f"(min {y.min()}, max {y.max()}); {hint}"
-        )
+    y = _labels(labels, len(data), num_classes, f"{path}: {label_key!r}", hint)
     # The reshape is a view; the array from the pickle may be read-only, so copy.
     images = np.array(data.reshape(-1, *IMAGE_SHAPE), copy=True)
     return ArraySplit(torch.from_numpy(images), torch.from_numpy(y))
+
+
+def _labels(labels: Any, count: int, num_classes: int, where: str, hint: str) -> np.ndarray:
+    """``labels`` as int64, checked while still Python objects: numpy would turn a
+    nested list into a huge array, and overflow on an integer beyond 64 bits."""
+    if isinstance(labels, np.ndarray):
+        integers = labels.ndim == 1 and labels.dtype.kind in "iu"
+    else:
+        integers = isinstance(labels, list) and all(type(v) is int for v in labels)
+    if not integers:
+        raise UserError(f"{where} is not a list of integers; {hint}")
+    if len(labels) != count:
+        raise UserError(f"{where} holds {len(labels)} labels for {count} images; {hint}")
+    if count and (min(labels) < 0 or max(labels) >= num_classes):
+        raise UserError(
+            f"{where} outside 0..{num_classes - 1} (min {min(labels)}, max {max(labels)}); {hint}"
+        )
+    return np.asarray(labels, dtype=np.int64)
 
 
 def _concat(parts: list[ArraySplit]) -> ArraySplit:

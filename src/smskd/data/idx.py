@@ -15,9 +15,11 @@ misread dataset would only surface as a mysteriously bad accuracy.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -26,6 +28,10 @@ from smskd.errors import UserError
 UBYTE = 0x08
 MAGIC = {1: 0x00000801, 3: 0x00000803}  # ndim → magic of the uint8 files we read
 _TYPE_NAMES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32"}
+CHUNK = 1 << 20
+# Deflate expands at most 1032:1, so no gzip file decompresses to more than this
+# many times its own size: a bound on what a header may promise, known before reading.
+GZIP_MAX_RATIO = 1032
 
 
 def find_idx(root: Path, name: str, hint: str) -> Path:
@@ -36,11 +42,38 @@ def find_idx(root: Path, name: str, hint: str) -> Path:
     raise UserError(f"missing {root / name} (or {name}.gz); {hint}")
 
 
-def _read_bytes(path: Path, hint: str) -> bytes:
+def _capacity(path: Path) -> int:
+    """The most bytes ``path`` can hold once decompressed."""
+    size = path.stat().st_size
+    return size * GZIP_MAX_RATIO if path.suffix == ".gz" else size
+
+
+def _read_at_most(file: BinaryIO, limit: int) -> bytearray:
+    # In chunks: one read(limit) would allocate all of limit before learning the file is short.
+    data = bytearray()
+    while len(data) < limit and (chunk := file.read(min(CHUNK, limit - len(data)))):
+        data += chunk
+    return data
+
+
+def read_idx(path: Path, ndim: int, hint: str = "") -> np.ndarray:
+    """The uint8 array stored in ``path``, which must have exactly ``ndim`` dimensions.
+
+    Rejects: a wrong magic number, a non-uint8 type code, a payload shorter or
+    longer than the header's sizes promise. The promised size is checked against
+    what the file can hold before anything is read or allocated for it.
+    """
+    compressed = path.suffix == ".gz"
     try:
-        if path.suffix == ".gz":
-            return gzip.decompress(path.read_bytes())
-        return path.read_bytes()
+        with (gzip.open if compressed else open)(path, "rb") as file:
+            try:
+                return _read(file, path, ndim, hint)
+            except UserError:
+                # Damaged gzip data can unpack to a wrong header before the stream fails:
+                # name the damage, the cause, when it shows within the next chunk.
+                if compressed:
+                    file.read(CHUNK)
+                raise
     # A cut-off download raises EOFError inside gzip; a corrupt one BadGzipFile or zlib.error.
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise UserError(f"{path}: corrupt or truncated gzip data ({error}); {hint}") from None
@@ -48,20 +81,15 @@ def _read_bytes(path: Path, hint: str) -> bytes:
         raise UserError(f"cannot read {path}: {error.strerror or error}; {hint}") from None
 
 
-def read_idx(path: Path, ndim: int, hint: str = "") -> np.ndarray:
-    """The uint8 array stored in ``path``, which must have exactly ``ndim`` dimensions.
-
-    Rejects: a wrong magic number, a non-uint8 type code, a payload shorter or
-    longer than the header's sizes promise.
-    """
-    data = _read_bytes(path, hint)
+def _read(file: BinaryIO, path: Path, ndim: int, hint: str) -> np.ndarray:
     expected = MAGIC[ndim]
-    if len(data) < 4:
-        raise UserError(f"{path}: {len(data)} bytes, too short for an IDX header; {hint}")
-    zero, type_code, dims = struct.unpack(">HBB", data[:4])
+    head = file.read(4)
+    if len(head) < 4:
+        raise UserError(f"{path}: {len(head)} bytes, too short for an IDX header; {hint}")
+    zero, type_code, dims = struct.unpack(">HBB", head)
     if zero != 0:
         raise UserError(
-            f"{path}: magic 0x{int.from_bytes(data[:4], 'big'):08x} is not an IDX file "
+            f"{path}: magic 0x{int.from_bytes(head, 'big'):08x} is not an IDX file "
             f"(expected 0x{expected:08x}); {hint}"
         )
     if type_code != UBYTE:
@@ -69,23 +97,27 @@ def read_idx(path: Path, ndim: int, hint: str = "") -> np.ndarray:
         raise UserError(f"{path}: IDX element type {kind}, expected uint8 (0x08); {hint}")
     if dims != ndim:
         raise UserError(
-            f"{path}: magic 0x{int.from_bytes(data[:4], 'big'):08x} has {dims} dimensions, "
+            f"{path}: magic 0x{int.from_bytes(head, 'big'):08x} has {dims} dimensions, "
             f"expected 0x{expected:08x} ({ndim} dimensions); {hint}"
         )
-    header = 4 + 4 * ndim
-    if len(data) < header:
+    sizes = file.read(4 * ndim)
+    if len(sizes) < 4 * ndim:
         raise UserError(f"{path}: truncated IDX header; {hint}")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    size = int(np.prod(shape, dtype=np.int64))
-    payload = len(data) - header
-    if payload != size:
-        problem = "truncated" if payload < size else "has trailing bytes"
-        raise UserError(
-            f"{path}: {problem}: header promises {'×'.join(map(str, shape))} = {size} bytes, "
-            f"payload has {payload}; {hint}"
-        )
-    # frombuffer over an immutable bytes object is read-only; copy so torch can own it.
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()
+    shape = struct.unpack(f">{ndim}I", sizes)
+    size = math.prod(shape)  # Python ints: int64 would wrap around for three 32-bit sizes
+    promise = f"header promises {'×'.join(map(str, shape))} = {size} bytes"
+    room = _capacity(path) - 4 - 4 * ndim
+    if size > room:
+        held = f"payload has {room}"
+        if path.suffix == ".gz":
+            held = f"{path.stat().st_size} bytes of gzip data unpack to at most {room}"
+        raise UserError(f"{path}: truncated: {promise}, {held}; {hint}")
+    payload = _read_at_most(file, size + 1)
+    if len(payload) != size:
+        held = len(payload) if len(payload) < size else f"more than {size}"
+        problem = "truncated" if len(payload) < size else "has trailing bytes"
+        raise UserError(f"{path}: {problem}: {promise}, payload has {held}; {hint}")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
 
 
 def read_idx_pair(root: Path, images: str, labels: str, hint: str) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ loader (small folders).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,11 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
 SPLITS = ("train", "val")
+# Every image is resized to ``size``, and batches are B×C×size: at this side one image
+# is already 3 MiB of uint8 RGB, 4.6 times ImageNet's 224 a side, above any usual input.
+MAX_SIDE = 1024
+# What ``in_memory: true`` may decode into one tensor; a larger folder is streamed.
+MAX_IN_MEMORY_BYTES = 16 * 2**30
 
 
 def _pillow() -> ModuleType:
@@ -115,6 +121,11 @@ def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
     pair = (size, size) if isinstance(size, int) else tuple(size)
     if len(pair) != 2 or min(pair) < 1:
         raise UserError(f"image size must be a positive int or (height, width), got {size!r}")
+    if max(pair) > MAX_SIDE:
+        raise UserError(
+            f"image size {size!r} (data.options.size) is over the limit of {MAX_SIDE} pixels "
+            f"a side; use at most {MAX_SIDE}"
+        )
     return int(pair[0]), int(pair[1])
 
 
@@ -123,11 +134,21 @@ def decode(path: Path, channels: int) -> Tensor:
     image_module = _pillow()
     mode = {1: "L", 3: "RGB"}[channels]
     try:
-        with image_module.open(path) as image:
-            array = np.asarray(image.convert(mode), dtype=np.uint8)
+        with warnings.catch_warnings():
+            # Pillow only warns of a header promising more than its MAX_IMAGE_PIXELS
+            # (up to twice that, then it refuses), and would decode it: refuse it now.
+            warnings.simplefilter("error", image_module.DecompressionBombWarning)
+            with image_module.open(path) as image:
+                array = np.asarray(image.convert(mode), dtype=np.uint8)
     # Pillow signals undecodable data with UnidentifiedImageError (an OSError),
     # truncated data with OSError, odd headers with ValueError / SyntaxError.
-    except (OSError, ValueError, SyntaxError, image_module.DecompressionBombError) as error:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        image_module.DecompressionBombError,
+        image_module.DecompressionBombWarning,
+    ) as error:
         raise UserError(f"cannot decode image {path}: {error}") from None
     tensor = torch.from_numpy(array.copy())
     return tensor[None] if channels == 1 else tensor.permute(2, 0, 1).contiguous()
@@ -188,6 +209,8 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int, int]]):
         self.classes = list(classes) if classes is not None else find_classes(root)
         self.samples = scan(root, split, self.classes)
         self.size = _size_pair(size)
+        if augment is not None:
+            augment.check_fits(self.size)
         self.channels = channels
         self.augment = augment
         self.mean = tuple(mean) if mean is not None else None
@@ -238,8 +261,18 @@ def load_image_folder(
         raise UserError(f"image channels must be 1 or 3, got {channels}")
     pair = _size_pair(size)
     classes = find_classes(root)
-    train = _decode_all(scan(root, "train", classes), pair, channels)
-    test = _decode_all(scan(root, "val", classes), pair, channels)
+    train_samples, test_samples = scan(root, "train", classes), scan(root, "val", classes)
+    count = len(train_samples) + len(test_samples)
+    need = count * channels * pair[0] * pair[1]
+    if need > MAX_IN_MEMORY_BYTES:
+        raise UserError(
+            f"{root}: {count} images of {channels}×{pair[0]}×{pair[1]} take "
+            f"{need / 2**30:.1f} GiB decoded, over the in_memory limit of "
+            f"{MAX_IN_MEMORY_BYTES / 2**30:.0f} GiB; set data.options.in_memory: false "
+            "to stream them, or a smaller size"
+        )
+    train = _decode_all(train_samples, pair, channels)
+    test = _decode_all(test_samples, pair, channels)
     moments = [pixel_moments(train.images[:, c].numpy(), 255.0) for c in range(channels)]
     return ArrayDataset(
         name=Path(root).name or "image-folder",

@@ -9,7 +9,7 @@ DDP sharding follows ``DistributedSampler``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from smskd.data.augment import Augment, Normalize, crop_flip, sample_params
+from smskd.errors import UserError
 
 # Seed offset between the loader's random streams (shuffle, augmentation).
 _STREAM_STRIDE = 1 << 40
@@ -113,6 +114,8 @@ class InMemoryLoader:
         self.rank = rank
         self.world_size = world_size
         self.augment = None if augment is None or augment.is_identity else augment
+        if self.augment is not None:
+            self.augment.check_fits(tuple(split.images.shape[2:]))
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)  # the full split: len() = training-set size
@@ -193,20 +196,40 @@ class InMemoryLoader:
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
     """Boolean test mask holding ``round(test_fraction · n_c)`` samples of every class c."""
-    rng = np.random.default_rng(seed)
-    is_test = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        chosen = rng.permutation(members)[: round(test_fraction * len(members))]
-        is_test[chosen] = True
-    return is_test
+    classes, sizes = np.unique(labels, return_counts=True)
+    return _pick(labels, classes, [round(test_fraction * int(n)) for n in sizes], seed)
 
 
 def stratified_subset(split: ArraySplit, size: int, seed: int = 0) -> ArraySplit:
-    """A fixed subset of about ``size`` samples with the split's class proportions."""
+    """A fixed subset of exactly ``size`` samples (the whole split if it is not larger)
+    with the split's class proportions: class c gives ``n_c · size / N`` samples, rounded
+    so that the counts add up (largest remainders round up; ties: the lower class)."""
     if size >= len(split):
         return split
     labels = split.labels.numpy()
-    keep = stratified_split(labels, size / len(split), seed)
-    index = torch.from_numpy(np.flatnonzero(keep))
+    classes, sizes = np.unique(labels, return_counts=True)
+    quotas = sizes * size / len(split)
+    counts = np.floor(quotas).astype(np.int64)
+    counts[np.argsort(counts - quotas, kind="stable")[: size - counts.sum()]] += 1
+    index = torch.from_numpy(np.flatnonzero(_pick(labels, classes, counts, seed)))
     return ArraySplit(split.images[index], split.labels[index])
+
+
+def _pick(labels: np.ndarray, classes: np.ndarray, counts: Sequence[int], seed: int) -> np.ndarray:
+    """Mask of ``counts[i]`` random samples of each class ``classes[i]``."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for c, count in zip(classes, counts, strict=True):
+        members = np.flatnonzero(labels == c)
+        mask[rng.permutation(members)[:count]] = True
+    return mask
+
+
+def check_batch_size(batch_size: int, num_train: int) -> None:
+    """Refuse a batch larger than the training split: it would hold the whole split
+    (or, with drop_last, give no batch at all) while the config promises another size."""
+    if batch_size > num_train:
+        raise UserError(
+            f"data.batch_size {batch_size} is larger than the {num_train} training images; "
+            f"use at most {num_train}"
+        )

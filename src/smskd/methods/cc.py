@@ -7,8 +7,10 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from smskd.methods.base import DistillMethod, Outputs, StageContext
+from smskd.methods.base import DistillMethod, Outputs, StageContext, check_width
 from smskd.methods.functional import unit_rows
+
+MAX_ORDER = 170  # the Taylor coefficients divide by p!, a float only up to 170!
 
 
 def correlation_matrix(embeddings: Tensor, gamma: float, order: int) -> Tensor:
@@ -87,8 +89,15 @@ class CC(DistillMethod):
             raise ValueError("gamma must be > 0")
         if order < 1:
             raise ValueError("order (P) must be >= 1: at P = 0 every correlation is the same")
+        if order > MAX_ORDER:
+            raise ValueError(f"order (P) must be <= {MAX_ORDER}: {MAX_ORDER + 1}! is no float")
+        try:  # the largest power correlation_matrix takes at every step: fail now, not then
+            float(2 * gamma) ** order
+        except OverflowError:
+            raise ValueError(f"(2·gamma)^order overflows a float for {gamma=}, {order=}") from None
         if embed_dim is not None and embed_dim < 1:
             raise ValueError("embed_dim must be >= 1 (or null for no projection)")
+        check_width("embed_dim", embed_dim)
         self.student_layer = student_layer
         self.teacher_layer = teacher_layer
         self.gamma = gamma
@@ -104,6 +113,10 @@ class CC(DistillMethod):
         t = probe.teacher_features[self.teacher_layer].flatten(1)
         self.embed_s = nn.Linear(s.shape[1], self.embed_dim).to(s.device)
         self.embed_t = nn.Linear(t.shape[1], self.embed_dim).to(t.device)
+
+    def batch_memory(self, batch_size: int, probe: Outputs, context: StageContext) -> int:
+        # ~8 float32 B×B matrices at the peak of loss + backward, whatever the order (measured).
+        return 4 * 8 * batch_size**2
 
     def loss(self, out: Outputs) -> Tensor:
         s = self.embed_s(out.student_features[self.student_layer].flatten(1).float())

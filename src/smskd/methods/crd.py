@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from smskd.distributed import all_gather_cat
 from smskd.errors import UserError
-from smskd.methods.base import DistillMethod, Outputs, StageContext
+from smskd.methods.base import DistillMethod, Outputs, StageContext, check_width
 
 
 class CRD(DistillMethod):
@@ -80,6 +80,7 @@ class CRD(DistillMethod):
         super().__init__()
         if feat_dim < 1 or num_negatives < 1:
             raise ValueError("feat_dim and num_negatives must be >= 1")
+        check_width("feat_dim", feat_dim)
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
         if not 0 <= momentum < 1:
@@ -91,6 +92,15 @@ class CRD(DistillMethod):
         self.temperature = temperature
         self.momentum = momentum
         self.k = num_negatives  # clamped to num_samples − 1 in setup()
+
+    def batch_memory(self, batch_size: int, probe: Outputs, context: StageContext) -> int:
+        n = context.num_samples
+        if n is None or n < 2:
+            return 0  # setup() refuses these with their own message
+        # float32: the two memory banks, and per term the B×(K+1) bank rows gathered
+        # for the batch (kept for backward) plus ~6 B×(K+1) logit-sized tensors (measured).
+        rows = batch_size * (min(self.num_negatives, n - 1) + 1)
+        return 4 * (2 * n * self.feat_dim + 2 * rows * self.feat_dim + 12 * rows)
 
     def setup(self, probe: Outputs, context: StageContext) -> None:
         n = context.num_samples

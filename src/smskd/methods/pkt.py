@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from smskd.methods.base import DistillMethod, Outputs
+from smskd.methods.base import DistillMethod, Outputs, StageContext
 from smskd.methods.functional import unit_rows
 
 
@@ -70,6 +70,10 @@ class PKT(DistillMethod):
         self.student_layer = student_layer
         self.teacher_layer = teacher_layer
         self.eps = eps
+
+    def batch_memory(self, batch_size: int, probe: Outputs, context: StageContext) -> int:
+        # ~12 float32 B×B matrices at the peak of loss + backward (measured).
+        return 4 * 12 * batch_size**2
 
     def loss(self, out: Outputs) -> Tensor:
         p = conditional_probabilities(out.teacher_features[self.teacher_layer].detach())

@@ -27,7 +27,7 @@ from smskd.methods import (
     FitNets,
     ReviewKD,
 )
-from smskd.taps import ModelLayout
+from smskd.taps import ModelLayout, check_tap_name
 
 # Listed by family: response, feature, relation.
 METHODS: dict[str, type[DistillMethod]] = {
@@ -126,6 +126,8 @@ def build_method(
                     f"default for its {role!r} layer, so name one of its modules"
                 )
             kwargs[arg] = tap
+        for tap in [kwargs[arg]] if isinstance(kwargs[arg], str) else kwargs[arg]:
+            check_tap_name(tap, f"method {name!r} option {arg!r}")
     try:
         return cls(**kwargs)
     except ValueError as err:

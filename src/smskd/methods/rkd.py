@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from smskd.methods.base import DistillMethod, Outputs
+from smskd.methods.base import DistillMethod, Outputs, StageContext
 
 
 def _normalized_distances(e: Tensor) -> Tensor:
@@ -60,6 +60,19 @@ class RKD(DistillMethod):
         self.teacher_layer = teacher_layer
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
+
+    def batch_memory(self, batch_size: int, probe: Outputs, context: StageContext) -> int:
+        # float32 counts measured on the CPU (peak of loss + backward): the angle term
+        # holds B×B×D unit differences per side and ~4 B×B×B tensors, distances ~16 B×B.
+        b = batch_size
+        floats = 16 * b**2
+        if self.angle_weight:
+            width = (
+                probe.student_features[self.student_layer][0].numel()
+                + probe.teacher_features[self.teacher_layer][0].numel()
+            )
+            floats += 4 * b**3 + 3 * b**2 * width
+        return 4 * floats
 
     def loss(self, out: Outputs) -> Tensor:
         s = out.student_features[self.student_layer].flatten(1)

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from smskd.methods.base import DistillMethod, Outputs
+from smskd.methods.base import DistillMethod, Outputs, StageContext
 from smskd.methods.functional import unit_rows
 
 
@@ -59,6 +59,10 @@ class SP(DistillMethod):
         self.student_layer = student_layer
         self.teacher_layer = teacher_layer
         self.pairs = list(zip(students, teachers, strict=True))
+
+    def batch_memory(self, batch_size: int, probe: Outputs, context: StageContext) -> int:
+        # ~8 float32 B×B matrices per layer pair at the peak of loss + backward (measured).
+        return 4 * 8 * batch_size**2 * len(self.pairs)
 
     def loss(self, out: Outputs) -> Tensor:
         total = out.student_logits.new_zeros((), dtype=torch.float32)

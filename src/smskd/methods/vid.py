@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from smskd.errors import UserError
 from smskd.methods.at import check_layer_lists
-from smskd.methods.base import DistillMethod, Outputs, StageContext
+from smskd.methods.base import DistillMethod, Outputs, StageContext, check_width
 
 
 def _as_map(f: Tensor) -> Tensor:
@@ -70,6 +70,7 @@ class VID(DistillMethod):
         check_layer_lists(student_layers, teacher_layers)
         if hidden_channels is not None and hidden_channels < 1:
             raise ValueError("hidden_channels must be >= 1 (or null for the teacher's width)")
+        check_width("hidden_channels", hidden_channels)
         if eps <= 0:
             raise ValueError("eps must be > 0")
         if init_variance <= eps:
