@@ -3,7 +3,7 @@
 "Alone" means the bare tensor work on the same ready-made batches: the teacher's
 forward under ``inference_mode``, and the student's forward, a cross-entropy and
 the backward, with nothing else in the loop. Our step is a full stage-1 KD step
-through :func:`smskd.engine.train_epoch` (feature taps, KD + CE losses, optimizer
+through :func:`smskd.train.epoch.train_epoch` (feature taps, KD + CE losses, optimizer
 step, loss bookkeeping). The gap is what the library adds.
 
     python benchmarks/compute_bound.py            # batch 64/128, more steps

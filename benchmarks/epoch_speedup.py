@@ -3,7 +3,7 @@
 The anchor (``anchor_loop.py``) is the loop of torchdistill / mdistiller / RepDistiller:
 per-image transforms in a DataLoader, teacher and student called each step, KD + CE,
 ``.item()`` per step. Ours is the library's epoch: the in-memory loader and
-:func:`smskd.engine.train_epoch`, first with its defaults (fp32), then with the
+:func:`smskd.train.epoch.train_epoch`, first with its defaults (fp32), then with the
 switches a user of this pair would set (``performance``: bf16 autocast, channels_last,
 and, as Fashion-MNIST trains without augmentation, the teacher-output cache). The cache
 is filled once per stage; its cost is reported, and the ratio amortized over a stage of
@@ -42,9 +42,9 @@ from torch.utils.data import DataLoader
 from smskd.config import PerformanceConfig
 from smskd.data.memory import ArrayDataset, ArraySplit, InMemoryLoader, stratified_subset
 from smskd.data.registry import load_dataset
-from smskd.engine import train_epoch
 from smskd.errors import UserError
-from smskd.output_cache import cache_outputs
+from smskd.train.epoch import train_epoch
+from smskd.train.output_cache import cache_outputs
 
 TARGET = 1.5
 FAST = PerformanceConfig(precision="bf16", channels_last=True, cache_teacher=True)

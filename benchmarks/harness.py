@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from smskd.acceleration import Acceleration
 from smskd.config import PerformanceConfig, ReferenceConfig, Stage
-from smskd.engine import StageModels, StageObjective, train_epoch
 from smskd.models.registry import build_model
-from smskd.pipeline import _build_stage, _remove_taps, build_optimizer
-from smskd.reference import make_reference
+from smskd.train.acceleration import Acceleration
+from smskd.train.epoch import StageModels, StageObjective, train_epoch
+from smskd.train.reference import make_reference
+from smskd.train.stages import _build_stage, _remove_taps, build_optimizer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -95,7 +95,7 @@ def stage_step(
     reference: bool = False,
     performance: PerformanceConfig | None = None,
 ) -> StageStep:
-    """A stage as :func:`smskd.pipeline.run_stages` builds it; ``reference`` adds the
+    """A stage as :func:`smskd.train.stages.run_stages` builds it; ``reference`` adds the
     frozen reference model of stage k ≥ 2 (a copy of ``student``)."""
     acceleration = Acceleration.of(performance, device)
     student = acceleration.prepare(copy.deepcopy(student).to(device))
@@ -116,7 +116,7 @@ def stage_step(
 
 
 def time_steps(step: StageStep, batches: list) -> float:
-    """Seconds per training step over ``batches``, through :func:`smskd.engine.train_epoch`
+    """Seconds per training step over ``batches``, through :func:`smskd.train.epoch.train_epoch`
     (the library's own loop; it reads the losses back once, at the end)."""
     sync(step.device)
     started = time.perf_counter()

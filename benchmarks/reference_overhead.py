@@ -3,7 +3,7 @@
 Both steps train the same student with KD from the same teacher on the same batches;
 the stage-k step (k ≥ 2) also runs the frozen reference (eval mode, ``inference_mode``)
 and adds the TCP-weighted reference loss. Steps go through the library's own epoch
-loop (:func:`smskd.engine.train_epoch`) over ready-made batches on the device, so the
+loop (:func:`smskd.train.epoch.train_epoch`) over ready-made batches on the device, so the
 input pipeline is not in the figure. The reference's forward is also timed alone, in its
 inference form and as a plain eval-mode copy: ``1 + forward / KD step`` is the floor
 that any implementation of the stage-k step has on this machine. Peak memory of each

@@ -1,9 +1,9 @@
 """Total cost: SMSKD (3 stages × E epochs) wall time / joint (one stage, 3E epochs).
 
-Both runs go through :func:`smskd.pipeline.run_stages` end to end (stage set-up,
+Both runs go through :func:`smskd.train.stages.run_stages` end to end (stage set-up,
 probe, taps, per-epoch evaluation) on the same data and models, with the stages of
 ``configs/fashion-mnist.yaml`` (KD → FitNets → RKD, reference from stage 2) and the
-joint baseline that sums the three (:func:`smskd.recipes.recipe`). Timed with the
+joint baseline that sums the three (:func:`smskd.study.recipes.recipe`). Timed with the
 defaults and (not in ``--quick``) with bf16 + channels_last + the teacher-output cache,
 which also caches the reference's logits in SMSKD's stages 2 and 3. One untimed round
 first warms every path up.
@@ -35,8 +35,8 @@ from harness import (
 
 from smskd.config import PerformanceConfig, Stage, load_config
 from smskd.data.memory import InMemoryLoader, stratified_subset
-from smskd.pipeline import run_stages
-from smskd.recipes import recipe
+from smskd.study.recipes import recipe
+from smskd.train.stages import run_stages
 
 CONFIG = Path(__file__).parents[1] / "configs" / "fashion-mnist.yaml"
 TARGET = 1.0

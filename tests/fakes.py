@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import numpy as np
 
-import smskd.engine as engine
+import smskd.train.epoch as engine
 
 
 class Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
@@ -98,7 +98,8 @@ def make_cifar100(parent: Path, train: int = 4, test: int = 2) -> Path:
 
 
 def fail_on_call(monkeypatch, target: str, call: int, exc: BaseException) -> None:
-    """Make the ``call``-th call of ``smskd.engine.<target>`` raise ``exc`` (a crash mid-epoch)."""
+    """Make the ``call``-th call of ``smskd.train.epoch.<target>`` raise ``exc`` (a crash
+    mid-epoch)."""
     real = getattr(engine, target)
     calls = {"n": 0}
 

@@ -9,19 +9,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import smskd.engine as engine
-import smskd.pipeline as pipeline
-from smskd.acceleration import Acceleration
-from smskd.checkpoint import safe_load
+import smskd.train.epoch as engine
+import smskd.train.stages as pipeline
 from smskd.config import PerformanceConfig, ReferenceConfig, Stage, load_config
 from smskd.data.augment import Augment
 from smskd.data.memory import ArrayDataset, ArraySplit, InMemoryLoader
-from smskd.engine import StageObjective, step_loss
 from smskd.errors import UserError
 from smskd.models.convnet import ConvNet
-from smskd.output_cache import cache_outputs
-from smskd.pipeline import _build_stage, run_stages
-from smskd.reference import make_reference
+from smskd.store.checkpoint import safe_load
+from smskd.train.acceleration import Acceleration
+from smskd.train.epoch import StageObjective, step_loss
+from smskd.train.output_cache import cache_outputs
+from smskd.train.reference import make_reference
+from smskd.train.stages import _build_stage, run_stages
 
 QUIET = {"progress": False, "log": lambda _: None}
 CPU = torch.device("cpu")

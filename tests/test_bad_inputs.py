@@ -2,7 +2,7 @@
 
 The cases are listed in ``bad_inputs/cases.yaml``: malformed configs (committed YAML
 files) and malformed data, checkpoints and run directories (written at test time by
-``bad_inputs/make_data.py``). Each runs through ``smskd.cli.main`` in-process, which
+``bad_inputs/make_data.py``). Each runs through ``smskd.cli.commands.main`` in-process, which
 is what the console script calls; a few also run as a real ``python -m smskd``
 process, to show that nothing but the one line reaches the terminal.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from smskd.cli import main
+from smskd.cli.commands import main
 
 HERE = Path(__file__).resolve().parent / "bad_inputs"
 CASES: list[dict[str, Any]] = yaml.safe_load((HERE / "cases.yaml").read_text())

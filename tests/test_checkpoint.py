@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from smskd.checkpoint import (
+from smskd.errors import UserError
+from smskd.store.checkpoint import (
     atomic_save,
     checksum_path,
     load_state_dict,
     load_weights,
     safe_load,
 )
-from smskd.errors import UserError
 
 
 def test_atomic_save_replaces_and_leaves_no_temporary_files(tmp_path: Path) -> None:

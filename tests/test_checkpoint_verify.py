@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from smskd import checkpoint
-from smskd.checkpoint import (
+from smskd.errors import UserError
+from smskd.store import checkpoint
+from smskd.store.checkpoint import (
     atomic_save,
     checksum_path,
     export_weights,
@@ -26,7 +27,6 @@ from smskd.checkpoint import (
     save_weights,
     verify_checkpoint,
 )
-from smskd.errors import UserError
 
 
 def flip_byte(path: Path, offset: int | None = None) -> None:
@@ -160,7 +160,7 @@ def test_load_latest_falls_back_to_previous(tmp_path: Path, damage, caplog) -> N
     state, path = load_latest(tmp_path, log=messages.append)
     assert path == tmp_path / "last.prev.pt" and state["epoch"] == 1
     assert len(messages) == 1 and "last.prev.pt" in messages[0] and "last.pt'" in messages[0]
-    with caplog.at_level(logging.WARNING, logger="smskd.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="smskd.store.checkpoint"):
         load_latest(tmp_path)  # no log given: a logging warning
     assert "resuming from" in caplog.text
 

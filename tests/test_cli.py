@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smskd.cli import main
+from smskd.cli.commands import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMSKD = shutil.which("smskd") or f"{sys.executable} -m smskd"

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from smskd import __version__
-from smskd.cli import EXAMPLES, _parser, _Style, main
-from smskd.completion import _subcommands, completion_script
+from smskd.cli.commands import EXAMPLES, _parser, _Style, main
+from smskd.cli.completion import _subcommands, completion_script
 
 TINY = {
     "data": {"name": "digits", "train_subset": 200, "batch_size": 50},

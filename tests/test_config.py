@@ -183,7 +183,7 @@ def test_cli_reports_config_errors_in_one_line_with_exit_code_2(tmp_path: Path) 
 
 
 def test_quickstart_yaml_is_the_quickstart_run() -> None:
-    from smskd.quickstart import quickstart_config
+    from smskd.cli.quickstart import quickstart_config
 
     assert load_config(ROOT / "configs" / "quickstart.yaml") == quickstart_config()
 

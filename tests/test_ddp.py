@@ -122,10 +122,10 @@ def _rank_main(rank: int, init_file: str, results: str) -> None:
     from smskd.config import ReferenceConfig, Stage
     from smskd.data.digits import load_digits
     from smskd.data.memory import InMemoryLoader
-    from smskd.distributed import sync_buffers
-    from smskd.engine import StageObjective, train_epoch
     from smskd.models.convnet import ConvNet
-    from smskd.pipeline import _build_stage, _data_parallel
+    from smskd.train.distributed import sync_buffers
+    from smskd.train.epoch import StageObjective, train_epoch
+    from smskd.train.stages import _build_stage, _data_parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -224,7 +224,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path) 
 
 
 def test_a_rank_failing_leaves_a_loadable_checkpoint(clean_run, tmp_path: Path) -> None:
-    from smskd.checkpoint import safe_load
+    from smskd.store.checkpoint import safe_load
 
     config, clean, _ = clean_run
     out = tmp_path / "run"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from smskd.schema_docs import config_reference
+from smskd.cli.schema_docs import config_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -14,7 +14,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 def test_config_reference_is_generated_from_the_schema() -> None:
     committed = (ROOT / "docs" / "config-reference.md").read_text()
     assert committed == config_reference(), (
-        "docs/config-reference.md is stale: python -m smskd.schema_docs > docs/config-reference.md"
+        "docs/config-reference.md is stale: "
+        "python -m smskd.cli.schema_docs > docs/config-reference.md"
     )
 
 

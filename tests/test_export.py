@@ -1,4 +1,4 @@
-"""smskd.export: a finished run's student as ONNX / TorchScript / safetensors."""
+"""smskd.cli.export: a finished run's student as ONNX / TorchScript / safetensors."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-import smskd.export as export
-from smskd.checkpoint import load_weights, verify_checkpoint
+import smskd.cli.export as export
+from smskd.cli.export import CHECK_BATCH, ExportResult, export_student
 from smskd.config import load_config
 from smskd.errors import UserError
 from smskd.experiment import distill, prepare_data
-from smskd.export import CHECK_BATCH, ExportResult, export_student
 from smskd.models.convnet import ConvNet
+from smskd.store.checkpoint import load_weights, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # KD → FitNets (a helper regressor) → RKD with a bigger teacher: the file must hold none of it.
@@ -41,7 +41,7 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def student(run: Path) -> torch.nn.Module:
-    """The run's student, built by hand (convnet-xs), not through smskd.export."""
+    """The run's student, built by hand (convnet-xs), not through smskd.cli.export."""
     model = ConvNet(num_classes=10, in_channels=1, widths=(8, 16, 32))
     model.load_state_dict(torch.load(run / "student.pt", weights_only=True))
     return model.eval()

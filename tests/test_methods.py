@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from smskd.config import ReferenceConfig, Stage
-from smskd.engine import StageObjective, step_loss
 from smskd.errors import UserError
 from smskd.methods import KD, RKD, FitNets, Outputs, StageContext
 from smskd.methods.registry import METHODS
-from smskd.pipeline import _build_stage
+from smskd.train.epoch import StageObjective, step_loss
+from smskd.train.stages import _build_stage
 
 CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)
 

@@ -14,7 +14,7 @@ import torch
 from smskd.config import ModelSpec, load_config
 from smskd.errors import UserError
 from smskd.experiment import distill, make_model, prepare_data
-from smskd.taps import ModelLayout
+from smskd.models.taps import ModelLayout
 
 FACTORY = textwrap.dedent(
     """

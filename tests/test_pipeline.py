@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-import smskd.pipeline as pipeline
-from smskd.checkpoint import safe_load
+import smskd.train.stages as pipeline
 from smskd.config import ReferenceConfig, Stage
 from smskd.errors import UserError
 from smskd.methods.registry import METHODS
-from smskd.pipeline import run_stages
+from smskd.store.checkpoint import safe_load
+from smskd.train.stages import run_stages
 
 
 def three_stages(epochs: int = 1) -> list[Stage]:
@@ -336,7 +336,7 @@ def test_tcp_weighting_without_teacher_is_refused_before_training(student, tiny_
 
 
 def test_check_stages_leaves_an_unfrozen_teacher_untouched(student, live_teacher, tiny_data):
-    from smskd.pipeline import check_stages
+    from smskd.train.stages import check_stages
 
     before = {k: v.clone() for k, v in live_teacher.state_dict().items()}
     stages = [Stage(methods=["fitnets"], epochs=1), Stage(methods=["rkd"], epochs=1)]

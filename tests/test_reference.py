@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from smskd.config import ReferenceConfig
-from smskd.engine import StageModels, StageObjective, train_epoch
-from smskd.reference import (
+from smskd.train.epoch import StageModels, StageObjective, train_epoch
+from smskd.train.reference import (
     make_reference,
     per_sample_reference_loss,
     reference_term,

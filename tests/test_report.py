@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from smskd.cli import main
-from smskd.report import load_sweep_results, write_sweep_report
+from smskd.cli.commands import main
+from smskd.study.report import load_sweep_results, write_sweep_report
 
 # Last-epoch accuracies per seed; each run has 4 epochs whose best is the value + 1
 # in epoch 3 (so best-epoch ≠ last-epoch, and the table must tell them apart).
@@ -142,7 +142,7 @@ def test_plots_are_written_and_not_blank(sweep_dir: Path) -> None:
 
 
 def test_weight_distribution_is_the_mean_histogram_per_stage(sweep_dir: Path) -> None:
-    from smskd.plots import stage_boundaries, weight_distributions
+    from smskd.study.plots import stage_boundaries, weight_distributions
 
     results = load_sweep_results(sweep_dir)
     smskd = next(r for r in results.recipes if r.label == "smskd")

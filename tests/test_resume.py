@@ -10,12 +10,12 @@ import pytest
 import torch
 from fakes import fail_on_call
 
-import smskd.engine as engine
-from smskd.checkpoint import atomic_save, checksum_path, move_checkpoint, safe_load
+import smskd.train.epoch as engine
 from smskd.config import Stage
 from smskd.errors import UserError
-from smskd.interrupt import RunStopped
-from smskd.pipeline import run_stages
+from smskd.store.checkpoint import atomic_save, checksum_path, move_checkpoint, safe_load
+from smskd.train.interrupt import RunStopped
+from smskd.train.stages import run_stages
 
 QUIET = {"progress": False, "log": lambda _: None}
 
@@ -175,7 +175,7 @@ reference: {weighting: fixed}
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
     """Finished CLI runs of one config: ``ours`` and, each differing in one way, foreign ones."""
-    from smskd.cli import main
+    from smskd.cli.commands import main
 
     root = tmp_path_factory.mktemp("runs")
     config = root / "run.yaml"
@@ -210,7 +210,7 @@ def rewind_to_mid_stage_2(checkpoints) -> None:
 
 
 def resume_error(cli_runs, run, capsys) -> str:
-    from smskd.cli import main
+    from smskd.cli.commands import main
 
     capsys.readouterr()
     code = main(["distill", str(cli_runs / "run.yaml"), "--out", str(run), "--resume"])
@@ -252,7 +252,7 @@ def test_the_previous_checkpoint_fallback_refuses_another_run_too(cli_runs, tmp_
 
 
 def test_a_stage_snapshot_from_another_run_is_refused(cli_runs, tmp_path, capsys):
-    from smskd.cli import main
+    from smskd.cli.commands import main
 
     run, checkpoints = copy_of_ours(cli_runs, tmp_path)
     rewind_to_mid_stage_2(checkpoints)
@@ -286,7 +286,7 @@ def test_plain_weights_as_the_last_checkpoint_are_refused(cli_runs, tmp_path, ca
 
 
 def test_a_checkpoint_from_before_identities_still_resumes(cli_runs, tmp_path):
-    from smskd.cli import main
+    from smskd.cli.commands import main
 
     run, checkpoints = copy_of_ours(cli_runs, tmp_path)
     rewind_to_mid_stage_2(checkpoints)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import smskd.experiment
-from smskd.cli import main
+from smskd.cli.commands import main
 
 # Teacher (trained into OUT/teacher) and student, one epoch each on 64 digits: ~2 s.
 TINY = {

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from smskd import rundir
-from smskd.checkpoint import checksum_path, export_weights, load_state_dict, verify_checkpoint
 from smskd.config import load_config
 from smskd.errors import UserError
 from smskd.experiment import distill, evaluate_checkpoint
-from smskd.runlock import LOCK_NAME, read_owner, run_lock
+from smskd.store import rundir
+from smskd.store.checkpoint import checksum_path, export_weights, load_state_dict, verify_checkpoint
+from smskd.store.runlock import LOCK_NAME, read_owner, run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_second_acquisition_is_refused_naming_the_pid(tmp_path: Path) -> None:
 HOLDER = textwrap.dedent(
     """
     import sys
-    from smskd.runlock import run_lock
+    from smskd.store.runlock import run_lock
     with run_lock(sys.argv[1]):
         print("held", flush=True)
         sys.stdin.read()
@@ -106,7 +106,7 @@ def test_a_concurrent_process_is_refused_and_its_stale_lock_taken_over(tmp_path:
 def test_stale_lock_is_taken_over_with_a_note(tmp_path: Path, caplog) -> None:
     pid = dead_pid()
     write_lock(tmp_path, pid)
-    with caplog.at_level("WARNING", logger="smskd.runlock"), run_lock(tmp_path) as lock:
+    with caplog.at_level("WARNING", logger="smskd.store.runlock"), run_lock(tmp_path) as lock:
         assert read_owner(lock).pid == os.getpid()
     assert f"taking over the stale lock of PID {pid}" in caplog.text
     assert not lock.exists()
@@ -212,7 +212,7 @@ def test_a_killed_but_unreaped_owner_counts_as_dead() -> None:
     import sys
     import time
 
-    from smskd.runlock import pid_alive
+    from smskd.store.runlock import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     assert pid_alive(child.pid)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from smskd.stats import incomplete_beta, mean_std, paired_difference, t_cdf, t_quantile
+from smskd.study.stats import incomplete_beta, mean_std, paired_difference, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize(

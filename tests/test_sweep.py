@@ -9,9 +9,9 @@ import pytest
 import yaml
 from fakes import make_cifar100
 
-from smskd.cli import main
+from smskd.cli.commands import main
 from smskd.errors import UserError
-from smskd.sweep import load_sweep, plan, run_sweep
+from smskd.study.sweep import load_sweep, plan, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -149,7 +149,7 @@ def test_sweep_skips_finished_runs_and_resumes_an_interrupted_one(
     assert [r.status for r in reference] == ["done"] * 6
 
     # The same sweep, killed during seed 0's SMSKD run (after its first stage)...
-    from smskd import pipeline
+    from smskd.train import stages as pipeline
 
     original = pipeline._Run._epoch
 

@@ -9,7 +9,7 @@ from torch import nn
 from smskd.errors import UserError
 from smskd.methods.registry import build_method
 from smskd.models.convnet import ConvNet
-from smskd.taps import FeatureTaps, ModelLayout, layout_of
+from smskd.models.taps import FeatureTaps, ModelLayout, layout_of
 
 
 def test_captures_outputs_and_inputs_and_removes_hooks() -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from fakes import fail_on_call
 
-import smskd.engine as engine
+import smskd.train.epoch as engine
 from smskd.config import Stage, TrackingConfig, load_config
 from smskd.errors import UserError
-from smskd.pipeline import run_stages
-from smskd.tracking import MetricsLog, flatten
+from smskd.store.tracking import MetricsLog, flatten
+from smskd.train.stages import run_stages
 
 QUIET = {"progress": False, "log": lambda _: None}
 STEPS_PER_EPOCH = 4  # tiny_data: 128 samples, batch 32
@@ -251,7 +251,7 @@ def test_mlflow_run_holds_params_metrics_and_continues_after_resume(
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracking = TrackingConfig(backends=["mlflow"], every_steps=2, mlflow_experiment="tests")
-    from smskd.interrupt import RunStopped
+    from smskd.train.interrupt import RunStopped
 
     fail_on_call(monkeypatch, "step_loss", 11, RunStopped("stopped", 15))
     with pytest.raises(RunStopped):
@@ -401,7 +401,7 @@ def test_skipped_batches_stay_out_of_the_step_curves(
 def test_a_checkpoint_from_before_global_steps_resumes_at_the_right_step(
     student, live_teacher, indexed_data, tmp_path, monkeypatch
 ):
-    from smskd.checkpoint import atomic_save, safe_load
+    from smskd.store.checkpoint import atomic_save, safe_load
 
     fail_on_call(
         monkeypatch, "step_loss", 7, RuntimeError("power cut")
@@ -449,7 +449,7 @@ def test_a_sweep_puts_its_runs_in_one_mlflow_store_and_keeps_teacher_names(tmp_p
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from smskd.sweep import run_sweep
+    from smskd.study.sweep import run_sweep
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"

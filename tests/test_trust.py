@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smskd.cli import main
+from smskd.cli.commands import main
 
 TINY = {
     "data": {"name": "digits", "train_subset": 64},
@@ -77,9 +77,7 @@ def test_export_imports_nothing_a_received_config_names(received, tmp_path, caps
     assert marker.exists() and out.is_file()
 
 
-def test_resume_compares_a_received_config_without_importing_it(
-    received, tmp_path, capsys
-) -> None:
+def test_resume_compares_a_received_config_without_importing_it(received, tmp_path, capsys) -> None:
     run, marker = received
     config = tmp_path / "tiny.yaml"
     assert main(["distill", str(config), "--out", str(run), "--resume", "--no-progress"]) == 2
@@ -89,7 +87,7 @@ def test_resume_compares_a_received_config_without_importing_it(
 
 def test_a_sweep_checks_its_finished_runs_without_importing_them(tmp_path, monkeypatch) -> None:
     from smskd.errors import UserError
-    from smskd.sweep import run_sweep
+    from smskd.study.sweep import run_sweep
 
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump(TINY))

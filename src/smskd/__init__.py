@@ -13,8 +13,8 @@ from smskd.errors import UserError
 from smskd.experiment import distill, evaluate_checkpoint, train_teacher
 from smskd.methods.base import DistillMethod, Outputs
 from smskd.methods.registry import register_method
-from smskd.pipeline import RunResult, run_stages
-from smskd.taps import FeatureTaps, ModelLayout
+from smskd.models.taps import FeatureTaps, ModelLayout
+from smskd.train.stages import RunResult, run_stages
 
 __all__ = [
     "DistillMethod",

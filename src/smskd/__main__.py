@@ -1,3 +1,3 @@
-from smskd.cli import main
+from smskd.cli.commands import main
 
 raise SystemExit(main())

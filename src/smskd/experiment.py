@@ -1,11 +1,11 @@
 """One run from a :class:`~smskd.config.RunConfig`: data, models, teacher, run directory.
 
-This is where the config becomes objects; :func:`smskd.pipeline.run_stages`
+This is where the config becomes objects; :func:`smskd.train.stages.run_stages`
 below it sees only models, stages and batches. A run directory holds
 ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/`` and the final
 weights (``student.pt``, or ``teacher.pt`` for a teacher run), each checkpoint
 with its ``.sha256`` sidecar; ``.lock`` while a run is writing to it
-(:mod:`smskd.runlock`).
+(:mod:`smskd.store.runlock`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from smskd import distributed, rundir
-from smskd.checkpoint import export_weights, load_state_dict, load_weights, move_checkpoint
 from smskd.config import (
     DataConfig,
     ModelSpec,
@@ -36,13 +34,16 @@ from smskd.data.download import download
 from smskd.data.image_folder import ImageFolderSource
 from smskd.data.memory import InMemoryLoader, check_batch_size, stratified_subset
 from smskd.data.registry import DATASETS, load_dataset
-from smskd.engine import evaluate
 from smskd.errors import UserError
 from smskd.models.ensemble import LogitAverage
 from smskd.models.registry import build_from_factory, build_model
-from smskd.pipeline import RunResult, check_stages, resolve_device, run_stages
-from smskd.runlock import run_lock
-from smskd.taps import ModelLayout
+from smskd.models.taps import ModelLayout
+from smskd.store import rundir
+from smskd.store.checkpoint import export_weights, load_state_dict, load_weights, move_checkpoint
+from smskd.store.runlock import run_lock
+from smskd.train import distributed
+from smskd.train.epoch import evaluate
+from smskd.train.stages import RunResult, check_stages, resolve_device, run_stages
 
 TEACHER_WEIGHTS = "teacher.pt"
 

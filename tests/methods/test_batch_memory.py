@@ -11,7 +11,7 @@ from smskd.errors import UserError
 from smskd.methods import base
 from smskd.methods.base import Outputs, StageContext
 from smskd.methods.registry import METHODS
-from smskd.pipeline import check_stages
+from smskd.train.stages import check_stages
 
 RELATIONS = ("rkd", "sp", "pkt", "cc")
 

@@ -10,10 +10,10 @@ from torch import nn
 
 import smskd.methods.registry
 from smskd.config import ReferenceConfig, Stage
-from smskd.engine import StageObjective, step_loss
 from smskd.methods import Outputs, StageContext
 from smskd.methods.cc import CC
-from smskd.pipeline import _build_stage
+from smskd.train.epoch import StageObjective, step_loss
+from smskd.train.stages import _build_stage
 
 CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)
 ROOT3 = math.sqrt(3)

@@ -13,7 +13,7 @@ from smskd.config import Stage
 from smskd.errors import UserError
 from smskd.methods import Outputs, StageContext
 from smskd.methods.crd import CRD
-from smskd.pipeline import run_stages
+from smskd.train.stages import run_stages
 
 
 def outputs(s: torch.Tensor, t: torch.Tensor, index: torch.Tensor | None) -> Outputs:

@@ -12,7 +12,7 @@ from smskd.errors import UserError
 from smskd.methods.base import Outputs, StageContext
 from smskd.methods.nst import NST
 from smskd.methods.registry import build_method
-from smskd.taps import ModelLayout
+from smskd.models.taps import ModelLayout
 
 CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)
 R = 1 / math.sqrt(2)

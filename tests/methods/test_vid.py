@@ -14,8 +14,8 @@ from smskd.errors import UserError
 from smskd.methods.base import Outputs, StageContext
 from smskd.methods.registry import build_method
 from smskd.methods.vid import VID
-from smskd.pipeline import _build_stage
-from smskd.taps import ModelLayout
+from smskd.models.taps import ModelLayout
+from smskd.train.stages import _build_stage
 
 CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)
 EPS = 1e-5

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from smskd.models import mobilenetv2, resnet_imagenet_style, shufflenet
-from smskd.taps import FeatureTaps, split_tap
+from smskd.models.taps import FeatureTaps, split_tap
 
 ZOO = {**mobilenetv2.ZOO, **shufflenet.ZOO, **resnet_imagenet_style.ZOO}
 NAMES = [

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from smskd.models import resnet_cifar, vgg, wrn
-from smskd.taps import FeatureTaps, layout_of
+from smskd.models.taps import FeatureTaps, layout_of
 
 ZOO = {**resnet_cifar.ZOO, **wrn.ZOO, **vgg.ZOO}
 NAMES = sorted(ZOO)

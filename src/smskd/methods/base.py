@@ -67,7 +67,7 @@ class DistillMethod(nn.Module):
 
     ``tap_roles`` maps a constructor argument naming a module (or a list of
     modules) to the default it takes from the model's
-    :class:`~smskd.taps.ModelLayout`: ``{"student_layer": ("student", "hint")}``.
+    :class:`~smskd.models.taps.ModelLayout`: ``{"student_layer": ("student", "hint")}``.
     A hyper-parameter that follows a schedule within the stage (a warm-up) is
     updated in :meth:`start_epoch`, so the engine needs no special cases. A method
     whose memory grows faster than the batch says how much in :meth:`batch_memory`.

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smskd.distributed import all_gather_cat
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs, StageContext, check_width
+from smskd.train.distributed import all_gather_cat
 
 
 class CRD(DistillMethod):

@@ -27,7 +27,7 @@ from smskd.methods import (
     FitNets,
     ReviewKD,
 )
-from smskd.taps import ModelLayout, check_tap_name
+from smskd.models.taps import ModelLayout, check_tap_name
 
 # Listed by family: response, feature, relation.
 METHODS: dict[str, type[DistillMethod]] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from smskd.taps import ModelLayout
+from smskd.models.taps import ModelLayout
 
 
 def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:

@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from smskd.taps import ModelLayout
+from smskd.models.taps import ModelLayout
 
 
 def _builder(width_mult: float) -> Callable[..., nn.Module]:

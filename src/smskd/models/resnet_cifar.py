@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from smskd.taps import ModelLayout
+from smskd.models.taps import ModelLayout
 
 _NARROW = (16, 16, 32, 64)
 _WIDE = (32, 64, 128, 256)

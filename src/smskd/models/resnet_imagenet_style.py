@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from smskd.taps import ModelLayout
+from smskd.models.taps import ModelLayout
 
 
 def _builder(bottleneck: bool, blocks: tuple[int, int, int, int]) -> Callable[..., nn.Module]:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from smskd.taps import ModelLayout
+from smskd.models.taps import ModelLayout
 
 
 def _v1_builder(num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:

@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from smskd.taps import ModelLayout
+from smskd.models.taps import ModelLayout
 
 # Output channels of each conv, per block (RepDistiller's cfg "S", "A", "B", "D", "E").
 CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from smskd.taps import ModelLayout
+from smskd.models.taps import ModelLayout
 
 
 def _builder(depth: int, widen_factor: int) -> Callable[..., nn.Module]:

@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smskd.acceleration import Acceleration, as_float
-from smskd.checkpoint import set_rng_state
 from smskd.config import ReferenceConfig
-from smskd.distributed import all_reduce_sum
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs
-from smskd.output_cache import CachedOutputs
-from smskd.reference import reference_term, weight_histogram
-from smskd.taps import FeatureTaps
+from smskd.models.taps import FeatureTaps
+from smskd.store.checkpoint import set_rng_state
+from smskd.train.acceleration import Acceleration, as_float
+from smskd.train.distributed import all_reduce_sum
+from smskd.train.output_cache import CachedOutputs
+from smskd.train.reference import reference_term, weight_histogram
 
 
 @dataclass

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smskd.errors import UserError
-from smskd.stats import mean_std
+from smskd.study.stats import mean_std
 
 if TYPE_CHECKING:
-    from smskd.report import RecipeResult, SweepResults
+    from smskd.study.report import RecipeResult, SweepResults
 
 
 def require_matplotlib() -> Any:

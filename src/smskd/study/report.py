@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from smskd.errors import UserError
-from smskd.stats import PairedDifference, mean_std, paired_difference
+from smskd.study.stats import PairedDifference, mean_std, paired_difference
 
 
 @dataclass
@@ -133,7 +133,7 @@ class SweepResults:
 
 def load_sweep_results(runs_dir: str | Path) -> SweepResults:
     """Read ``index.json`` and every finished run's ``metrics.jsonl`` under ``runs_dir``."""
-    from smskd.tracking import MetricsLog
+    from smskd.store.tracking import MetricsLog
 
     root = Path(runs_dir)
     index_path = root / "index.json"
@@ -410,7 +410,7 @@ def _provenance(results: SweepResults, root: Path) -> list[str]:
 
 
 def _plots(results: SweepResults, root: Path) -> dict[str, list[tuple[str, Path]]]:
-    from smskd import plots
+    from smskd.study import plots
 
     try:
         plots.require_matplotlib()

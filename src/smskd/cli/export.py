@@ -8,7 +8,7 @@ before the file is put in place, checks that the exported bytes reproduce the
 PyTorch student's logits on real test images (at a batch size other than the one
 it was exported with, so the batch axis is proven dynamic). A file that fails
 the check is never written. The file is written like every checkpoint here
-(:mod:`smskd.checkpoint`): to a temporary file beside ``out``, renamed over it,
+(:mod:`smskd.store.checkpoint`): to a temporary file beside ``out``, renamed over it,
 with an ``OUT.sha256`` sidecar, so that a crash never leaves half a file.
 
 * ``onnx``: the torch.export-based exporter (``pip install 'smskd[onnx]'``), one
@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from smskd.checkpoint import atomic_write_bytes, load_state_dict, load_weights
 from smskd.config import RunConfig, load_config
 from smskd.errors import UserError, choices
 from smskd.experiment import TEACHER_WEIGHTS, Data, make_model, prepare_data
 from smskd.extras import require
+from smskd.store.checkpoint import atomic_write_bytes, load_state_dict, load_weights
 
 FORMATS = ("onnx", "safetensors", "torchscript")
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from smskd.acceleration import Acceleration
 from smskd.errors import UserError
-from smskd.taps import FeatureTaps
+from smskd.models.taps import FeatureTaps
+from smskd.train.acceleration import Acceleration
 
 
 @dataclass

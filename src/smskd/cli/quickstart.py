@@ -2,7 +2,7 @@
 
 The SMSKD run is :func:`quickstart_config` (also ``configs/quickstart.yaml``, kept
 equal by a test); the other rows are its baselines at the same student budget
-(:mod:`smskd.recipes`). Re-running into the same directory reuses finished runs.
+(:mod:`smskd.study.recipes`). Re-running into the same directory reuses finished runs.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from smskd import rundir
 from smskd.config import RunConfig, validate
 from smskd.experiment import distill, evaluate_checkpoint, resolve_teacher
-from smskd.recipes import recipe
-from smskd.report import Row, results_table, write_report
+from smskd.store import rundir
+from smskd.study.recipes import recipe
+from smskd.study.report import Row, results_table, write_report
 
 QUICKSTART = {
     "seed": 0,

@@ -2,7 +2,7 @@
 
 A sweep file names one or more base configs (SMSKD runs), the seeds, config
 overrides (fixed ``set`` and a ``grid`` of values, crossed) and the recipes
-(:mod:`smskd.recipes`) to derive from each base::
+(:mod:`smskd.study.recipes`) to derive from each base::
 
     name: fashion-mnist
     base: ../fashion-mnist.yaml          # relative to this file; or a list of files
@@ -41,8 +41,6 @@ import torch
 import yaml
 from pydantic import Field, field_validator
 
-from smskd import rundir
-from smskd.checkpoint import atomic_write_text
 from smskd.config import (
     ReferenceConfig,
     RunConfig,
@@ -54,9 +52,11 @@ from smskd.config import (
     validate,
 )
 from smskd.errors import UserError
-from smskd.recipes import RECIPES, expand
-from smskd.report import git_commit
-from smskd.tracking import MetricsLog
+from smskd.store import rundir
+from smskd.store.checkpoint import atomic_write_text
+from smskd.store.tracking import MetricsLog
+from smskd.study.recipes import RECIPES, expand
+from smskd.study.report import git_commit
 
 INDEX = "index.json"
 RESULT = "result.json"

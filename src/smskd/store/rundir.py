@@ -27,7 +27,7 @@ from pathlib import Path
 
 from smskd import __version__
 from smskd.errors import UserError
-from smskd.runlock import LOCK_NAME
+from smskd.store.runlock import LOCK_NAME
 
 MARKER = ".smskd-run"
 
@@ -248,8 +248,6 @@ def _summary(paths: list[str], shown: int = 8) -> str:
         head, sep, _ = path.partition("/")
         key = f"{head}/" if sep else head
         groups[key] = groups.get(key, 0) + 1
-    parts = [
-        f"{k} ({n} file{'s' * (n > 1)})" if k.endswith("/") else k for k, n in groups.items()
-    ]
+    parts = [f"{k} ({n} file{'s' * (n > 1)})" if k.endswith("/") else k for k, n in groups.items()]
     more = f" and {len(parts) - shown} more" if len(parts) > shown else ""
     return ", ".join(parts[:shown]) + more

@@ -14,7 +14,7 @@ from typing import Any
 
 from smskd import __version__
 from smskd.errors import UserError
-from smskd.interrupt import RunStopped
+from smskd.train.interrupt import RunStopped
 
 EXAMPLES = {
     "quickstart": "smskd quickstart --out runs/quickstart",
@@ -58,7 +58,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> Output:
-    from smskd.quickstart import run_quickstart
+    from smskd.cli.quickstart import run_quickstart
 
     rows = run_quickstart(
         args.out,
@@ -127,7 +127,7 @@ def cmd_distill(args: argparse.Namespace) -> Output:
 
 
 def cmd_sweep(args: argparse.Namespace) -> Output:
-    from smskd.sweep import load_sweep, plan, run_sweep, select
+    from smskd.study.sweep import load_sweep, plan, run_sweep, select
 
     seeds = args.seeds
     if args.dry_run:
@@ -156,14 +156,14 @@ def cmd_sweep(args: argparse.Namespace) -> Output:
     data: dict[str, Any] = {"out": args.out, "index": str(Path(args.out) / "index.json")}
     if args.no_report:
         return Output(f"sweep done: {args.out}", data)
-    from smskd.report import write_sweep_report
+    from smskd.study.report import write_sweep_report
 
     data["report"] = str(write_sweep_report(args.out))
     return Output(f"report: {data['report']}", data)
 
 
 def cmd_report(args: argparse.Namespace) -> Output:
-    from smskd.report import write_sweep_report
+    from smskd.study.report import write_sweep_report
 
     report = write_sweep_report(args.runs_dir, plots=not args.no_plots)
     return Output(f"report: {report}", {"report": str(report)})
@@ -184,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> Output:
 
 
 def cmd_export(args: argparse.Namespace) -> Output:
-    from smskd.export import export_student
+    from smskd.cli.export import export_student
 
     result = export_student(
         args.run_dir,
@@ -231,7 +231,7 @@ def cmd_datasets(args: argparse.Namespace) -> Output:
 
 
 def cmd_completion(args: argparse.Namespace) -> Output:
-    from smskd.completion import completion_script
+    from smskd.cli.completion import completion_script
 
     script = completion_script(_parser(), args.shell)
     return Output(script, {"shell": args.shell, "script": script})
@@ -484,8 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         # Under torchrun, leave the process group cleanly (imported only if a run used it).
-        if "smskd.distributed" in sys.modules:
-            sys.modules["smskd.distributed"].teardown()
+        if "smskd.train.distributed" in sys.modules:
+            sys.modules["smskd.train.distributed"].teardown()
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:

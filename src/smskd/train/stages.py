@@ -6,7 +6,7 @@
         train with CE + Σ β·L_method + TCP-weighted reference loss
         carry the student (only the student) into stage k+1
 
-Baselines are other stage lists through the same loop (see :mod:`smskd.recipes`).
+Baselines are other stage lists through the same loop (see :mod:`smskd.study.recipes`).
 Each epoch ends with an atomic checkpoint (and, if asked, every N steps; always on
 SIGINT/SIGTERM); a run restarted with ``resume=True`` continues from the last one,
 mid-epoch included, bit-identical on CPU for the same seed.
@@ -27,17 +27,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from smskd import distributed
-from smskd.acceleration import Acceleration
-from smskd.checkpoint import (
-    atomic_save,
-    has_checkpoint,
-    load_latest,
-    load_state_dict,
-    misfit,
-    rng_state,
-    set_rng_state,
-)
 from smskd.config import (
     OptimizerConfig,
     PerformanceConfig,
@@ -46,7 +35,23 @@ from smskd.config import (
     Stage,
     TrackingConfig,
 )
-from smskd.engine import (
+from smskd.errors import UserError
+from smskd.methods.base import DistillMethod, StageContext, check_batch_memory
+from smskd.methods.registry import build_method
+from smskd.models.taps import FeatureTaps, layout_of
+from smskd.store.checkpoint import (
+    atomic_save,
+    has_checkpoint,
+    load_latest,
+    load_state_dict,
+    misfit,
+    rng_state,
+    set_rng_state,
+)
+from smskd.store.tracking import MetricsLog, RunTracker, check_backends
+from smskd.train import distributed
+from smskd.train.acceleration import Acceleration
+from smskd.train.epoch import (
     EpochProgress,
     NonFiniteLoss,
     StageModels,
@@ -56,14 +61,9 @@ from smskd.engine import (
     train_epoch,
     unpack_batch,
 )
-from smskd.errors import UserError
-from smskd.interrupt import RunStopped, StopRequest
-from smskd.methods.base import DistillMethod, StageContext, check_batch_memory
-from smskd.methods.registry import build_method
-from smskd.output_cache import cache_outputs
-from smskd.reference import make_reference
-from smskd.taps import FeatureTaps, layout_of
-from smskd.tracking import MetricsLog, RunTracker, check_backends
+from smskd.train.interrupt import RunStopped, StopRequest
+from smskd.train.output_cache import cache_outputs
+from smskd.train.reference import make_reference
 
 CHECKPOINT_FORMAT = 1  # the newest layout of last.pt this version reads and writes
 
@@ -308,7 +308,7 @@ def run_stages(
     writes ``metrics.jsonl``, ``checkpoints/`` (after every epoch, and every
     ``checkpoint_every_steps`` steps if set) and the final ``student.pt``;
     SIGINT/SIGTERM then finish the current step, write a checkpoint and raise
-    :class:`~smskd.interrupt.RunStopped`. ``nonfinite``: ``"stop"`` ends the run
+    :class:`~smskd.train.interrupt.RunStopped`. ``nonfinite``: ``"stop"`` ends the run
     at a NaN/Inf loss naming stage, epoch and step (keeping the last good
     checkpoint); ``"skip"`` leaves such batches out and counts them.
     ``performance`` sets mixed precision, channels_last, ``torch.compile`` and the

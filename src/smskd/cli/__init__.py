@@ -1,0 +1,1 @@
+"""The ``smskd`` command: parser and commands, quickstart, export, completion, schema docs."""

@@ -1,0 +1,1 @@
+"""Comparing recipes: recipes, sweeps, the results data model, reports, plots, statistics."""
