@@ -26,7 +26,6 @@ from anchor_loop import PerImageTransforms, train_one_epoch
 from harness import (
     PAIRS,
     RESULTS,
-    StageStep,
     apply_threads,
     common_arguments,
     environment,
@@ -45,6 +44,7 @@ from smskd.data.registry import load_dataset
 from smskd.errors import UserError
 from smskd.train.epoch import train_epoch
 from smskd.train.output_cache import cache_outputs
+from smskd.train.stage import BuiltStage
 
 TARGET = 1.5
 FAST = PerformanceConfig(precision="bf16", channels_last=True, cache_teacher=True)
@@ -65,7 +65,7 @@ def fashion_mnist(images: int) -> tuple[ArrayDataset, str]:
     return ArrayDataset(data.name, train, data.test, 10, 255.0, data.mean, data.std), source
 
 
-def ours(step: StageStep, loader: InMemoryLoader) -> float:
+def ours(step: BuiltStage, loader: InMemoryLoader) -> float:
     sync(step.device)
     started = time.perf_counter()
     train_epoch(

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from smskd.config import PerformanceConfig, ReferenceConfig, Stage
+from smskd.config import PerformanceConfig, Stage
 from smskd.models.registry import build_model
 from smskd.train.acceleration import Acceleration
-from smskd.train.epoch import StageModels, StageObjective, train_epoch
+from smskd.train.epoch import train_epoch
 from smskd.train.reference import make_reference
-from smskd.train.stages import _build_stage, _remove_taps, build_optimizer
+from smskd.train.stage import BuiltStage, build_stage
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -71,20 +71,6 @@ def random_batches(
     return batches
 
 
-@dataclass
-class StageStep:
-    """One stage's models, objective and optimizer, ready for :func:`time_steps`."""
-
-    models: StageModels
-    objective: StageObjective
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    device: torch.device
-
-    def close(self) -> None:
-        _remove_taps(self.models)
-
-
 def stage_step(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -94,28 +80,23 @@ def stage_step(
     *,
     reference: bool = False,
     performance: PerformanceConfig | None = None,
-) -> StageStep:
+) -> BuiltStage:
     """A stage as :func:`smskd.train.stages.run_stages` builds it; ``reference`` adds the
-    frozen reference model of stage k ≥ 2 (a copy of ``student``)."""
+    frozen reference model of stage k ≥ 2 (a copy of ``student``). Close it when done."""
     acceleration = Acceleration.of(performance, device)
     student = acceleration.prepare(copy.deepcopy(student).to(device))
     if teacher is not None:
         teacher = acceleration.prepare(copy.deepcopy(teacher).to(device))
     ref_model = make_reference(student) if reference else None
     stage = Stage(methods=methods, epochs=1, optimizer={"lr": 0.01})
-    models, built = _build_stage(
-        stage, student, teacher, ref_model, batches[0], device, None, acceleration
+    built = build_stage(
+        stage, student, teacher, ref_model, batches[0], device, acceleration=acceleration
     )
-    models.student = acceleration.compiled(models.student)
-    models.teacher = acceleration.compiled(models.teacher)
-    models.reference = acceleration.compiled(models.reference)
-    objective = StageObjective(1.0, [(m, m.default_weight) for m in built], ReferenceConfig())
-    params = [*student.parameters(), *(p for m in built for p in m.parameters())]
-    optimizer = build_optimizer(stage.optimizer, params)
-    return StageStep(models, objective, optimizer, acceleration.grad_scaler(), device)
+    built.models.compile()
+    return built
 
 
-def time_steps(step: StageStep, batches: list) -> float:
+def time_steps(step: BuiltStage, batches: list) -> float:
     """Seconds per training step over ``batches``, through :func:`smskd.train.epoch.train_epoch`
     (the library's own loop; it reads the losses back once, at the end)."""
     sync(step.device)

@@ -1,9 +1,11 @@
-"""Shared fixtures: tiny models and data so that every test runs in seconds."""
+"""Shared fixtures: tiny models and data so that every test runs in seconds (built by
+fakes.py's functions, which a fixture of a wider scope calls itself)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from fakes import make_live_teacher, make_student, make_tiny_data
 from torch.utils.data import DataLoader, TensorDataset
 
 from smskd.models.convnet import ConvNet
@@ -12,12 +14,7 @@ from smskd.models.convnet import ConvNet
 @pytest.fixture
 def tiny_data() -> tuple[DataLoader, DataLoader]:
     """A learnable 3-class task on 1×8×8 inputs (labels from a fixed linear map)."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(192, 1, 8, 8, generator=generator)
-    y = (x.flatten(1) @ torch.randn(64, 3, generator=generator)).argmax(1)
-    train = DataLoader(TensorDataset(x[:128], y[:128]), batch_size=32, shuffle=False)
-    test = DataLoader(TensorDataset(x[128:], y[128:]), batch_size=64)
-    return train, test
+    return make_tiny_data()
 
 
 @pytest.fixture
@@ -31,19 +28,15 @@ def indexed_data(tiny_data) -> tuple[DataLoader, DataLoader]:
 
 @pytest.fixture
 def student() -> ConvNet:
-    torch.manual_seed(1)
-    return ConvNet(num_classes=3, in_channels=1, widths=(4, 8, 8))
+    return make_student()
 
 
 @pytest.fixture
 def teacher() -> ConvNet:
-    torch.manual_seed(2)
-    model = ConvNet(num_classes=3, in_channels=1, widths=(8, 16, 16))
-    return model.eval().requires_grad_(False)
+    return make_live_teacher().eval().requires_grad_(False)
 
 
 @pytest.fixture
 def live_teacher() -> ConvNet:
     """A teacher as a user hands it over: train mode, gradients on. The pipeline must freeze it."""
-    torch.manual_seed(2)
-    return ConvNet(num_classes=3, in_channels=1, widths=(8, 16, 16))
+    return make_live_teacher()

@@ -1,5 +1,5 @@
-"""Test helpers: writers of tiny files in the exact formats of the real datasets, and
-an injected crash."""
+"""Test helpers: writers of tiny files in the exact formats of the real datasets, an
+injected crash, and the tiny models and data behind conftest.py's fixtures."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 import smskd.train.epoch as engine
+from smskd.models.convnet import ConvNet
 
 
 class Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
@@ -110,3 +113,24 @@ def fail_on_call(monkeypatch, target: str, call: int, exc: BaseException) -> Non
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, target, wrapper)
+
+
+def make_tiny_data() -> tuple[DataLoader, DataLoader]:
+    """A learnable 3-class task on 1×8×8 inputs (labels from a fixed linear map)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(192, 1, 8, 8, generator=generator)
+    y = (x.flatten(1) @ torch.randn(64, 3, generator=generator)).argmax(1)
+    train = DataLoader(TensorDataset(x[:128], y[:128]), batch_size=32, shuffle=False)
+    test = DataLoader(TensorDataset(x[128:], y[128:]), batch_size=64)
+    return train, test
+
+
+def make_student() -> ConvNet:
+    torch.manual_seed(1)
+    return ConvNet(num_classes=3, in_channels=1, widths=(4, 8, 8))
+
+
+def make_live_teacher() -> ConvNet:
+    """A teacher as a user hands it over: train mode, gradients on. The pipeline must freeze it."""
+    torch.manual_seed(2)
+    return ConvNet(num_classes=3, in_channels=1, widths=(8, 16, 16))

@@ -10,7 +10,6 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import smskd.train.epoch as engine
-import smskd.train.stages as pipeline
 from smskd.config import PerformanceConfig, ReferenceConfig, Stage, load_config
 from smskd.data.augment import Augment
 from smskd.data.memory import ArrayDataset, ArraySplit, InMemoryLoader
@@ -21,7 +20,8 @@ from smskd.train.acceleration import Acceleration
 from smskd.train.epoch import StageObjective, step_loss
 from smskd.train.output_cache import cache_outputs
 from smskd.train.reference import make_reference
-from smskd.train.stages import _build_stage, run_stages
+from smskd.train.stage import build_stage
+from smskd.train.stages import run_stages
 
 QUIET = {"progress": False, "log": lambda _: None}
 CPU = torch.device("cpu")
@@ -65,7 +65,7 @@ def one_step(options: dict, train: InMemoryLoader) -> tuple[dict[str, float], to
     teacher = acceleration.prepare(net(2, (8, 16, 16)).eval().requires_grad_(False))
     reference = make_reference(acceleration.prepare(net(3, (4, 8, 8))))
     torch.manual_seed(4)  # the FitNets regressor's initial weights
-    models, methods = _build_stage(
+    built = build_stage(
         Stage(methods=["kd", "fitnets"], epochs=1),
         student,
         teacher,
@@ -75,6 +75,7 @@ def one_step(options: dict, train: InMemoryLoader) -> tuple[dict[str, float], to
         len(train.labels),
         acceleration,
     )
+    models, methods = built.models, built.methods
     try:
         if options.get("cache"):
             limit = 2**30
@@ -97,7 +98,7 @@ def one_step(options: dict, train: InMemoryLoader) -> tuple[dict[str, float], to
         params = [*student.parameters(), *(p for m in methods for p in m.parameters())]
         grad = torch.cat([p.grad.reshape(-1) for p in params])
     finally:
-        pipeline._remove_taps(models)
+        built.close()
     scalars = {k: float(v) for k, v in terms.items() if v.dim() == 0}
     return scalars, grad
 
@@ -124,6 +125,7 @@ def test_a_switch_gives_the_fp32_loss_and_gradient(loaders, options, rtol, min_c
     assert float(grad.norm()) == pytest.approx(float(expected_grad.norm()), rel=3 * rtol)
 
 
+@pytest.mark.slow  # ~30 s: compiles three models
 def test_torch_compile_gives_the_fp32_loss_gradient_and_features(loaders) -> None:
     """Compiled after the taps are registered, the hooks are traced: FitNets still sees
     the features (a hook added after compiling would silently never fire)."""

@@ -110,6 +110,7 @@ def test_bad_input_gives_one_line_and_exit_2(
     _check_nothing_done(work, out, finished_before)
 
 
+@pytest.mark.slow  # a torch import per case
 @pytest.mark.parametrize("case", [_param(c) for c in CASES if c["id"] in SUBPROCESS])
 def test_bad_input_in_a_real_process(case: dict[str, Any], work: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"

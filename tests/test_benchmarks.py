@@ -26,9 +26,9 @@ TOY = ["--repeats", "1", "--quick"]
     ("module", "extra"),
     [
         (pipeline_speedup, ["--images", "256"]),
-        (compute_bound, ["--pairs", "fashion-mnist"]),
-        (epoch_speedup, ["--images", "256"]),
-        (smskd_vs_joint, ["--images", "256"]),
+        pytest.param(compute_bound, ["--pairs", "fashion-mnist"], marks=pytest.mark.slow),
+        pytest.param(epoch_speedup, ["--images", "256"], marks=pytest.mark.slow),
+        pytest.param(smskd_vs_joint, ["--images", "256"], marks=pytest.mark.slow),
     ],
     ids=lambda v: getattr(v, "__name__", ""),
 )
@@ -40,6 +40,7 @@ def test_a_benchmark_writes_its_ratio(module, extra, tmp_path) -> None:
     assert saved["definition"] and saved["target"] and saved["environment"]["torch"]
 
 
+@pytest.mark.slow  # a process per measured path
 def test_memory_is_measured_per_path_in_its_own_process(tmp_path) -> None:
     out = tmp_path / "overhead.json"
     result = reference_overhead.main([*TOY, "--pairs", "fashion-mnist", "--out", str(out)])

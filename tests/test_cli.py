@@ -1,7 +1,10 @@
-"""The `smskd` command end to end, through the installed console script."""
+"""The `smskd` command end to end: in-process through ``smskd.cli.commands.main`` (what
+the console script calls), and once through the installed console script itself."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -14,17 +17,30 @@ import torch
 from smskd.cli.commands import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMSKD = shutil.which("smskd") or f"{sys.executable} -m smskd"
+_SCRIPT = Path(sys.executable).with_name("smskd")
+SMSKD = str(_SCRIPT) if _SCRIPT.is_file() else shutil.which("smskd") or f"{sys.executable} -m smskd"
 SMALL = ["--teacher-epochs", "3", "--stage-epochs", "1"]
 
 
 def smskd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [*SMSKD.split(), *args], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    if check and proc.returncode != 0:
+    """``smskd ARGS`` from the repository root, in this process: ``main`` is what the
+    console script calls. With ``check``, a non-zero exit code fails the test."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    proc = subprocess.CompletedProcess(["smskd", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
         raise AssertionError(f"smskd {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def console_script(*args: str) -> subprocess.CompletedProcess:
+    """``smskd ARGS`` as a real process of the installed console script."""
+    return subprocess.run(
+        [*SMSKD.split(), *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +52,7 @@ def quickstart_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # the module's quickstart (four runs and a teacher) trains first
 def test_quickstart_writes_every_recipe_run(quickstart_dir: Path) -> None:
     for recipe in ("scratch", "single", "joint", "smskd"):
         run = quickstart_dir / recipe
@@ -54,6 +71,7 @@ def test_quickstart_writes_every_recipe_run(quickstart_dir: Path) -> None:
     assert "| smskd | kd → fitnets → rkd |" in report and "| teacher |" in report
 
 
+@pytest.mark.slow
 def test_quickstart_rerun_reuses_finished_runs(quickstart_dir: Path) -> None:
     files = [
         quickstart_dir / r / f
@@ -79,6 +97,7 @@ def test_quickstart_rerun_reuses_finished_runs(quickstart_dir: Path) -> None:
     assert changed.returncode == 2 and "--force" in changed.stderr
 
 
+@pytest.mark.slow
 def test_distill_quickstart_yaml_reproduces_the_smskd_row(quickstart_dir, tmp_path) -> None:
     out = tmp_path / "smskd"
     smskd(
@@ -99,6 +118,7 @@ def test_distill_quickstart_yaml_reproduces_the_smskd_row(quickstart_dir, tmp_pa
     assert (out / "teacher" / "teacher.pt").is_file()
 
 
+@pytest.mark.slow
 def test_eval_reports_the_logged_accuracy(quickstart_dir: Path) -> None:
     run = quickstart_dir / "smskd"
     proc = smskd("eval", str(run / "student.pt"))
@@ -108,9 +128,11 @@ def test_eval_reports_the_logged_accuracy(quickstart_dir: Path) -> None:
     assert "test acc" in teacher.stdout
 
 
+@pytest.mark.slow  # a process: the console script
 def test_eval_of_a_model_that_does_not_fit_is_a_clear_error(quickstart_dir: Path) -> None:
-    proc = smskd(
-        "eval", str(quickstart_dir / "smskd" / "student.pt"), "--model", "convnet-l", check=False
+    """Through the installed console script: its exit code and one line on stderr."""
+    proc = console_script(
+        "eval", str(quickstart_dir / "smskd" / "student.pt"), "--model", "convnet-l"
     )
     assert proc.returncode == 2 and "does not fit" in proc.stderr
 

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from smskd import __version__
-from smskd.cli.commands import EXAMPLES, _parser, _Style, main
-from smskd.cli.completion import _subcommands, completion_script
+from smskd.cli.commands import EXAMPLES, Style, build_parser, main
+from smskd.cli.completion import completion_script, subcommands
 
 TINY = {
     "data": {"name": "digits", "train_subset": 200, "batch_size": 50},
@@ -42,7 +42,7 @@ def test_version(capsys) -> None:
 
 
 def test_every_command_has_help_with_an_example(capsys) -> None:
-    commands = _subcommands(_parser())
+    commands = subcommands(build_parser())
     assert set(commands) == set(EXAMPLES)  # a new command must bring its example
     for command in commands:
         with pytest.raises(SystemExit) as info:
@@ -93,10 +93,10 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch) -> None:
             return True
 
     monkeypatch.delenv("NO_COLOR", raising=False)
-    assert _Style(Terminal())("error", "31") == "\033[31merror\033[0m"
-    assert _Style(io.StringIO())("error", "31") == "error"
+    assert Style(Terminal())("error", "31") == "\033[31merror\033[0m"
+    assert Style(io.StringIO())("error", "31") == "error"
     monkeypatch.setenv("NO_COLOR", "1")
-    assert _Style(Terminal())("error", "31") == "error"
+    assert Style(Terminal())("error", "31") == "error"
 
 
 def test_errors_in_a_pipe_carry_no_escape_codes(tmp_path: Path, capsys) -> None:
@@ -118,7 +118,7 @@ def complete(script: Path, *words: str) -> list[str]:
 
 def test_bash_completion_offers_commands_options_and_choices(tmp_path: Path) -> None:
     script = tmp_path / "smskd.bash"
-    script.write_text(completion_script(_parser(), "bash"))
+    script.write_text(completion_script(build_parser(), "bash"))
     assert complete(script, "ex") == ["export"]
     assert set(complete(script, "")) >= {"distill", "sweep", "export", "--version"}
     assert complete(script, "export", "run", "--format", "o") == ["onnx"]
@@ -131,5 +131,5 @@ def test_bash_completion_offers_commands_options_and_choices(tmp_path: Path) -> 
     assert complete(script, "completion", "z") == ["zsh"]
     (tmp_path / "configs").mkdir()
     assert complete(script, "distill", str(tmp_path / "conf")) == [str(tmp_path / "configs")]
-    zsh = completion_script(_parser(), "zsh")
+    zsh = completion_script(build_parser(), "zsh")
     assert zsh.startswith("autoload -U +X bashcompinit && bashcompinit\n")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from smskd.cli.commands import main
 from smskd.config import (
     MAX_YAML_BYTES,
     MAX_YAML_DEPTH,
@@ -166,20 +165,16 @@ def test_every_shipped_config_is_valid() -> None:
         assert isinstance(load_config(path), RunConfig)
 
 
-def test_cli_reports_config_errors_in_one_line_with_exit_code_2(tmp_path: Path) -> None:
+def test_cli_reports_config_errors_in_one_line_with_exit_code_2(tmp_path: Path, capsys) -> None:
+    """In-process (a real process printing this one line: tests/test_bad_inputs.py)."""
     raw = base()
     raw["stages"][0]["methods"] = ["kdd"]
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run(
-        [sys.executable, "-m", "smskd", "distill", str(path), "--out", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0
-    assert "unknown method 'kdd'" in proc.stderr and "Traceback" not in proc.stderr
+    assert main(["distill", str(path), "--out", str(tmp_path / "run")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.strip().count("\n") == 0
+    assert "unknown method 'kdd'" in stderr and "Traceback" not in stderr
 
 
 def test_quickstart_yaml_is_the_quickstart_run() -> None:

@@ -77,6 +77,7 @@ def clean_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess
     return config, root / "clean", proc
 
 
+@pytest.mark.slow  # torchrun: real processes, as all tests here
 def test_torchrun_trains_and_only_rank_0_writes(clean_run) -> None:
     _, out, proc = clean_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -92,6 +93,7 @@ def test_torchrun_trains_and_only_rank_0_writes(clean_run) -> None:
     assert torch.load(out / "student.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_killed_ddp_run_resumes_bit_identically(clean_run, tmp_path: Path) -> None:
     config, clean, _ = clean_run
     out = tmp_path / "run"
@@ -123,9 +125,9 @@ def _rank_main(rank: int, init_file: str, results: str) -> None:
     from smskd.data.digits import load_digits
     from smskd.data.memory import InMemoryLoader
     from smskd.models.convnet import ConvNet
-    from smskd.train.distributed import sync_buffers
+    from smskd.train.distributed import data_parallel, sync_buffers
     from smskd.train.epoch import StageObjective, train_epoch
-    from smskd.train.stages import _build_stage, _data_parallel
+    from smskd.train.stage import build_stage
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -134,10 +136,11 @@ def _rank_main(rank: int, init_file: str, results: str) -> None:
     torch.manual_seed(0)
     student, teacher = ConvNet(10, 1, (4, 8, 8)), ConvNet(10, 1, (8, 16, 16)).eval()
     stage = Stage(methods=["crd"], epochs=1)
-    models, methods = _build_stage(
+    built = build_stage(
         stage, student, teacher, None, next(iter(train)), torch.device("cpu"), len(data.train)
     )
-    models.student = _data_parallel(student, methods, torch.device("cpu"))
+    models, methods = built.models, built.methods
+    models.student = data_parallel(student, methods, torch.device("cpu"))
     crd = methods[0]
     optimizer = torch.optim.SGD([*student.parameters(), *crd.parameters()], lr=0.1)
     objective = StageObjective(1.0, [(crd, 1.0)], ReferenceConfig())
@@ -156,6 +159,7 @@ def _rank_main(rank: int, init_file: str, results: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_stay_in_lockstep_student_helpers_and_crd_memory(tmp_path: Path) -> None:
     mp.spawn(_rank_main, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -178,6 +182,7 @@ def mlp(num_classes, in_channels, width=32):
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     """2 ranks × 32 equal 1 process × 64: rank r takes every 2nd sample of the same
     permutation, so each global batch holds the same 64 samples, and DDP averages
@@ -223,6 +228,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path) 
         assert torch.allclose(runs["two"][key], value, atol=1e-5), key
 
 
+@pytest.mark.slow
 def test_a_rank_failing_leaves_a_loadable_checkpoint(clean_run, tmp_path: Path) -> None:
     from smskd.store.checkpoint import safe_load
 

@@ -1,21 +1,28 @@
 """Every script in examples/ runs, shortened, and does what its docstring says.
 
-Each example is run as a user would run it (a subprocess, its own interpreter) from an
+Each example runs as a script (``__main__``, its own globals and ``sys.argv``) from an
 empty temporary directory, with its outputs sent there: nothing is written into the
-repository. Epochs are cut to a minimum, so the accuracy bounds are loose but well
-above chance (10 classes: 10%). ``test_every_example_has_a_test`` makes a new example
-without a ``test_<name>`` function here fail.
+repository. It runs in this process, which saves an interpreter and a torch import per
+run; custom_method.py, whose ``register_method`` holds for the rest of its process, runs
+as a real process of its own, as a user runs it. Epochs are cut to a minimum, so the
+accuracy bounds are loose but well above chance (10 classes: 10%).
+``test_every_example_has_a_test`` makes a new example without a ``test_<name>``
+function here fail.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import json
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from smskd import load_config
@@ -26,7 +33,23 @@ CHANCE = 10.0  # digits has 10 balanced classes
 
 
 def run_example(name: str, *args: str, cwd: Path) -> str:
-    """stdout of ``python examples/NAME ARGS`` run in ``cwd``; fails the test on rc != 0."""
+    """stdout of ``python examples/NAME ARGS`` run in ``cwd``, as a script in this process;
+    an exception (or a non-zero exit) fails the test."""
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", [str(EXAMPLES / name), *args])
+        try:
+            with contextlib.redirect_stdout(stdout):
+                runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+        except SystemExit as exit_:
+            assert exit_.code in (None, 0), f"{name} exited {exit_.code}:\n{stdout.getvalue()}"
+    return stdout.getvalue()
+
+
+def run_example_process(name: str, *args: str, cwd: Path) -> str:
+    """stdout of ``python examples/NAME ARGS`` run in ``cwd`` as a process of its own;
+    fails the test on rc != 0."""
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *args],
         cwd=cwd,
@@ -44,6 +67,7 @@ def table_rows(stdout: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
 
 
+@pytest.mark.slow
 def test_own_models(tmp_path: Path) -> None:
     out = run_example("own_models.py", "--epochs", "1", "--teacher-epochs", "2", cwd=tmp_path)
     teacher = float(re.search(r"^teacher: test acc ([\d.]+)%$", out, re.M).group(1))
@@ -57,6 +81,7 @@ def test_own_models(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # no out_dir given: run_stages wrote nothing
 
 
+@pytest.mark.slow
 def test_from_config(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ("--epochs", "1", "--teacher-epochs", "2", "--out", str(run))
@@ -82,6 +107,7 @@ def test_from_config(tmp_path: Path) -> None:
     assert any(key.startswith("fc.") for key in weights)  # a plain state_dict
 
 
+@pytest.mark.slow
 def test_reference_weighting(tmp_path: Path) -> None:
     args = ("--epochs", "1", "--teacher-epochs", "2", "--lam", "0.5")
     out = run_example("reference_weighting.py", *args, cwd=tmp_path)
@@ -99,6 +125,7 @@ def test_reference_weighting(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_ablation_loop(tmp_path: Path) -> None:
     out_dir = tmp_path / "abl"
     args = ("--epochs", "1", "--teacher-epochs", "2", "--seeds", "0", "1", "--out", str(out_dir))
@@ -132,8 +159,11 @@ def test_ablation_loop(tmp_path: Path) -> None:
     assert all((run / "metrics.jsonl").read_text() == text for run, text in logs.items())
 
 
+@pytest.mark.slow  # a process of its own
 def test_custom_method(tmp_path: Path) -> None:
-    out = run_example("custom_method.py", "--epochs", "1", "--teacher-epochs", "2", cwd=tmp_path)
+    out = run_example_process(
+        "custom_method.py", "--epochs", "1", "--teacher-epochs", "2", cwd=tmp_path
+    )
     rows = re.findall(
         r"^stage (\d) ([\w-]+): test acc ([\d.]+)%(?:, cosine-logits loss ([\d.]+))?$", out, re.M
     )

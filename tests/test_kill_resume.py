@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+pytestmark = pytest.mark.slow  # real processes, killed and resumed: ~9 s a test
+
 CONFIG = {
     "seed": 3,
     "data": {"name": "digits", "batch_size": 64},

@@ -13,7 +13,7 @@ from smskd.errors import UserError
 from smskd.methods import KD, RKD, FitNets, Outputs, StageContext
 from smskd.methods.registry import METHODS
 from smskd.train.epoch import StageObjective, step_loss
-from smskd.train.stages import _build_stage
+from smskd.train.stage import build_stage
 
 CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)
 
@@ -178,20 +178,29 @@ def test_zero_loss_when_student_equals_teacher(name: str) -> None:
 # --------------------------------------------------- gradients, frozen teacher, stage run
 
 
-# Default taps on the zoo's ConvNet (features block1..3, embedding fc:input), per method.
-TAPS_BY_METHOD = {
-    ("kd", "dkd", "dist", "lskd"): (),
-    ("fitnets",): ("block2",),
-    ("at", "nst", "vid", "reviewkd"): ("block1", "block2", "block3"),
-    ("ft", "sp"): ("block3",),
-    ("rkd", "pkt", "cc", "crd"): ("fc:input",),
+# What `smskd methods` lists, by family; each registers itself as smskd.methods is imported.
+BUILT_IN = {
+    "kd", "dkd", "dist", "lskd",
+    "fitnets", "at", "nst", "vid", "ft", "reviewkd",
+    "rkd", "sp", "pkt", "cc", "crd",
+}  # fmt: skip
+# Default taps on the zoo's ConvNet, per layout role a method's tap_roles name.
+TAPS_BY_ROLE = {
+    "features": ["block1", "block2", "block3"],
+    "hint": ["block2"],
+    "last_feature": ["block3"],
+    "embedding": ["fc:input"],
 }
-DEFAULT_TAPS = {name: list(taps) for names, taps in TAPS_BY_METHOD.items() for name in names}
 CAN_BE_NEGATIVE = {"vid"}  # a Gaussian negative log-likelihood: ½·log σ² may be < 0
 
 
-def test_every_method_has_its_default_taps_listed() -> None:
-    assert set(DEFAULT_TAPS) == set(METHODS)
+def test_the_15_built_in_methods_are_registered() -> None:
+    assert len(BUILT_IN) == 15 and set(METHODS) >= BUILT_IN
+
+
+def default_taps(name: str, side: str) -> list[str]:
+    roles = [role for who, role in METHODS[name].tap_roles.values() if who == side]
+    return [tap for role in roles for tap in TAPS_BY_ROLE[role]]
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -203,7 +212,7 @@ def test_training_steps_move_student_and_helpers_never_the_teacher(
     BatchNorm statistics included — stays exactly as it was."""
     train, _ = indexed_data
     stage = Stage(methods=[name], epochs=1, ce_weight=0.0)
-    models, methods = _build_stage(
+    built = build_stage(
         stage,
         student,
         live_teacher,
@@ -212,9 +221,11 @@ def test_training_steps_move_student_and_helpers_never_the_teacher(
         torch.device("cpu"),
         len(train.dataset),
     )
+    models, methods = built.models, built.methods
     method = methods[0]
     try:
-        assert method.student_taps() == method.teacher_taps() == DEFAULT_TAPS[name]
+        assert method.student_taps() == default_taps(name, "student")
+        assert method.teacher_taps() == default_taps(name, "teacher")
         if not method.helpers:
             assert list(method.parameters()) == []
         # After the build: its probe runs the teacher in the mode it is handed in

@@ -1,8 +1,9 @@
 """The shipped recipes run end to end on tiny fabricated (or real) data.
 
-CIFAR-100 runs need a GPU; here each paper-pair config runs for a few steps on a
-fabricated CIFAR-100 folder in the exact pickle format, with its real models, so a
-config that cannot run (a bad tap, an unbridgeable FitNets pair) fails in CI.
+CIFAR-100 runs need a GPU; here each paper-pair config runs one step an epoch (teacher
+and three stages) on a fabricated CIFAR-100 folder in the exact pickle format, with its
+real models, so a config that cannot run (a bad tap, an unbridgeable FitNets pair)
+fails in CI.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ TINY = ["teacher.epochs=1", "stages.*.epochs=1", "data.batch_size=8", "data.eval
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
-    make_cifar100(root, train=16, test=8)
+    make_cifar100(root, train=8, test=8)  # one batch of 8: a step an epoch
     return root
 
 
+@pytest.mark.slow  # the paper's CIFAR-100 models
 @pytest.mark.parametrize("config", sorted((ROOT / "configs" / "cifar100").glob("*.yaml")))
 def test_cifar100_paper_pairs_run_a_few_steps(config: Path, cifar_root: Path, tmp_path) -> None:
     cfg = load_config(config, [*TINY, f"data.root={cifar_root}"])
@@ -67,6 +69,7 @@ def test_image_folder_streams_through_a_dataloader(tmp_path: Path) -> None:
     assert math.isfinite(result.history[-1]["train_crd"])  # indices reach CRD's memory
 
 
+@pytest.mark.slow  # reads the 70,000 real images and evaluates on all 10,000 test images
 @pytest.mark.skipif(not DEBIAN_ROOT.is_dir(), reason="Debian package dataset-fashion-mnist absent")
 def test_fashion_mnist_recipe_on_the_real_files(tmp_path: Path) -> None:
     cfg = load_config(

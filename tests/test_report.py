@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from smskd.cli.commands import main
-from smskd.study.report import load_sweep_results, write_sweep_report
+from smskd.study.report import write_sweep_report
+from smskd.study.results import load_sweep_results
 
 # Last-epoch accuracies per seed; each run has 4 epochs whose best is the value + 1
 # in epoch 3 (so best-epoch ≠ last-epoch, and the table must tell them apart).

@@ -133,6 +133,7 @@ def test_multi_teacher_refuses_feature_methods(tmp_path: Path) -> None:
     assert plan(load_sweep(path), path, tmp_path / "out")  # the recipe itself keeps KD only
 
 
+@pytest.mark.slow  # three sweeps of six runs
 def test_sweep_skips_finished_runs_and_resumes_an_interrupted_one(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -149,20 +150,20 @@ def test_sweep_skips_finished_runs_and_resumes_an_interrupted_one(
     assert [r.status for r in reference] == ["done"] * 6
 
     # The same sweep, killed during seed 0's SMSKD run (after its first stage)...
-    from smskd.train import stages as pipeline
+    import smskd.train.epoch as engine
 
-    original = pipeline._Run._epoch
+    original = engine.step_loss
 
-    def dying_epoch(self, parts, epoch, partial):
-        if self.name == "smskd" and self.global_epoch == 1:
+    def dying_step(models, *args):
+        if models.reference is not None:  # the first step with a reference: SMSKD's stage 2
             raise KeyboardInterrupt  # as a kill would: nothing saved past the last checkpoint
-        return original(self, parts, epoch, partial)
+        return original(models, *args)
 
-    monkeypatch.setattr(pipeline._Run, "_epoch", dying_epoch)
+    monkeypatch.setattr(engine, "step_loss", dying_step)
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         run_sweep(path, out, progress=False, log=lambda _m: None)
-    monkeypatch.setattr(pipeline._Run, "_epoch", original)
+    monkeypatch.setattr(engine, "step_loss", original)
     index = json.loads((out / "index.json").read_text())
     assert [r["status"] for r in index["runs"]] == ["done", "done", "pending"] + ["pending"] * 3
     assert len(index["teachers"]) == 2  # convnet-m and convnet-xs, each trained once
@@ -180,7 +181,7 @@ def test_sweep_skips_finished_runs_and_resumes_an_interrupted_one(
     assert [r.final_acc for r in resumed] == [r.final_acc for r in reference]
     assert (out / "sweep.yaml").read_text() == path.read_text()
     # A third call trains nothing at all.
-    monkeypatch.setattr(pipeline._Run, "_epoch", lambda *a: pytest.fail("trained again"))
+    monkeypatch.setattr(engine, "step_loss", lambda *a: pytest.fail("trained again"))
     again = run_sweep(path, out, progress=False, log=lambda _m: None)
     assert [r.final_acc for r in again] == [r.final_acc for r in reference]
 
@@ -201,6 +202,7 @@ def test_sweep_cli_dry_run_lists_runs_and_bad_files_exit_2(tmp_path: Path, capsy
         main(["sweep", str(path), "--out", "o", "--seeds", "a,b"])
 
 
+@pytest.mark.slow  # ~60 s: 20 runs of the paper's CIFAR-100 models
 def test_cifar100_sweep_runs_a_few_steps_on_fabricated_pickles(tmp_path: Path) -> None:
     """The CIFAR-100 sweep file: all 162 runs plan and validate; on fabricated pickles,
     every recipe of the cheapest pair and the multi-teacher runs (new teacher

@@ -444,6 +444,7 @@ def test_a_run_directory_from_before_the_tracking_key_still_resumes(tmp_path, ca
         distill(load_config(changed), tmp_path / "run", resume=True, progress=False)
 
 
+@pytest.mark.slow  # two sweeps: four runs and a teacher
 def test_a_sweep_puts_its_runs_in_one_mlflow_store_and_keeps_teacher_names(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     import yaml

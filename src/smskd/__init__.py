@@ -5,9 +5,6 @@ stages = [Stage(methods=["kd"], epochs=10), Stage(methods=["fitnets"], epochs=10
 result = run_stages(student, teacher, stages, train_loader, test_loader)
 """
 
-# First: modules below read it while the package is still importing.
-__version__ = "0.1.0"
-
 from smskd.config import MethodSpec, ReferenceConfig, RunConfig, Stage, load_config
 from smskd.errors import UserError
 from smskd.experiment import distill, evaluate_checkpoint, train_teacher
@@ -15,6 +12,7 @@ from smskd.methods.base import DistillMethod, Outputs
 from smskd.methods.registry import register_method
 from smskd.models.taps import FeatureTaps, ModelLayout
 from smskd.train.stages import RunResult, run_stages
+from smskd.version import __version__
 
 __all__ = [
     "DistillMethod",
@@ -27,6 +25,7 @@ __all__ = [
     "RunResult",
     "Stage",
     "UserError",
+    "__version__",
     "distill",
     "evaluate_checkpoint",
     "load_config",

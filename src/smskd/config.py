@@ -12,7 +12,7 @@ import re
 import stat
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NoReturn
 
@@ -162,6 +162,17 @@ class ReferenceConfig(_Strict):
     @property
     def needs_teacher(self) -> bool:
         return self.weighting in ("inverse_tcp", "tcp")
+
+
+def why_teacher_needed(stages: Sequence[Stage], reference: ReferenceConfig) -> str | None:
+    """Why ``stages`` with ``reference`` need a teacher, or None if they do not: the rule
+    in one place, for a config (checked as it loads) and for ``run_stages``, which is
+    given models and no config."""
+    if any(stage.methods for stage in stages):
+        return "its stages use KD methods"
+    if len(stages) > 1 and reference.needs_teacher:
+        return f"reference.weighting {reference.weighting!r} reads the teacher's TCP"
+    return None
 
 
 class TapLayoutConfig(_Strict):
@@ -392,14 +403,8 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:
-        uses_methods = any(stage.methods for stage in self.stages)
-        needs_tcp = len(self.stages) > 1 and self.reference.needs_teacher
-        if self.teacher is None and (uses_methods or needs_tcp):
-            reason = (
-                "its stages use KD methods"
-                if uses_methods
-                else (f"reference.weighting {self.reference.weighting!r} reads the teacher's TCP")
-            )
+        reason = why_teacher_needed(self.stages, self.reference)
+        if self.teacher is None and reason is not None:
             raise ValueError(f"teacher: required because {reason}; add a 'teacher:' section")
         if self.extra_teachers:
             self._logit_methods_only()

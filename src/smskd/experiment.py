@@ -10,7 +10,7 @@ with its ``.sha256`` sidecar; ``.lock`` while a run is writing to it
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,31 +254,47 @@ def train_teacher(
     return result
 
 
-def resolve_teacher(
+TeacherPlace = Callable[[RunConfig, int, TeacherConfig], tuple[RunConfig, Path]]
+"""Where teacher ``j`` of a run trains, and the config that trains it: a naming policy."""
+
+
+def own_teachers(out_dir: str | Path) -> TeacherPlace:
+    """A run's own teachers, each trained by the run's config with that teacher alone:
+    the teacher into ``OUT/teacher``, extra teachers into ``OUT/teacher-2``, ``-3``..."""
+
+    def place(cfg: RunConfig, j: int, teacher: TeacherConfig) -> tuple[RunConfig, Path]:
+        alone = cfg.model_copy(update={"teacher": teacher, "extra_teachers": []})
+        return alone, Path(out_dir) / ("teacher" if j == 0 else f"teacher-{j + 1}")
+
+    return place
+
+
+def resolve_teachers(
     cfg: RunConfig,
-    out_dir: str | Path,
+    place: TeacherPlace,
     *,
     resume: bool,
-    force: bool,
     progress: bool,
-    tracking_root: str | Path | None = None,
+    tracking_root: str | Path,
+    log: Callable[[str], None] | None = None,
 ) -> RunConfig:
-    """Fill every teacher's ``checkpoint``, training those without one first: the
-    teacher into ``OUT/teacher``, extra teachers into ``OUT/teacher-2``, ``-3``..."""
+    """``cfg`` with every teacher's ``checkpoint`` filled. A teacher without one trains
+    first, in the directory ``place`` gives it, unless ``resume`` finds its weights
+    there (``log``, if given, hears of each teacher that trains)."""
     resolved = []
     for j, teacher in enumerate(cfg.all_teachers):
         if teacher.checkpoint is None:
-            teacher_dir = Path(out_dir) / ("teacher" if j == 0 else f"teacher-{j + 1}")
+            trainer, teacher_dir = place(cfg, j, teacher)
             weights = teacher_dir / TEACHER_WEIGHTS
-            if not (weights.exists() and resume):
-                alone = cfg.model_copy(update={"teacher": teacher, "extra_teachers": []})
+            if not (resume and weights.exists()):
+                if log is not None:
+                    log(f"training teacher {teacher.model.label} into {teacher_dir}")
                 train_teacher(
-                    alone,
+                    trainer,
                     teacher_dir,
                     resume=resume,
-                    force=force,
                     progress=progress,
-                    tracking_root=tracking_root or out_dir,
+                    tracking_root=tracking_root,
                 )
             teacher = teacher.model_copy(update={"checkpoint": str(weights)})
         resolved.append(teacher)
@@ -294,25 +310,40 @@ def _teacher_model(spec: TeacherConfig, data: Data) -> nn.Module:
     return teacher
 
 
-def _models(cfg: RunConfig, data: Data) -> tuple[nn.Module, nn.Module | None]:
-    """Student and teacher of ``cfg``, with the weights it names (if they exist yet);
-    with ``extra_teachers`` the teacher is their :class:`LogitAverage`."""
+def _models(cfg: RunConfig, data: Data) -> tuple[nn.Module, list[nn.Module]]:
+    """Student and teachers of ``cfg``, with the weights it names; a teacher still to
+    be trained has its architecture, all the checks need."""
     torch.manual_seed(cfg.seed)
     student = make_model(cfg.student.model, data)
     if cfg.student.checkpoint is not None:
         load_weights(student, cfg.student.checkpoint, "student")
-    teachers = [_teacher_model(spec, data) for spec in cfg.all_teachers]
+    return student, [_teacher_model(spec, data) for spec in cfg.all_teachers]
+
+
+def _stage_teacher(teachers: list[nn.Module]) -> nn.Module | None:
+    """What the stages distil from: the teacher, or several teachers' LogitAverage."""
     if len(teachers) > 1:
-        return student, LogitAverage(teachers)
-    return student, teachers[0] if teachers else None
+        return LogitAverage(teachers)
+    return teachers[0] if teachers else None
+
+
+def _checked(
+    cfg: RunConfig, device: torch.device, rank: int = 0, world_size: int = 1
+) -> tuple[Data, nn.Module, list[nn.Module]]:
+    """Data and models of ``cfg``, built once, and everything about them that can be
+    checked without training: data, models, checkpoints, every stage's taps and
+    helper shapes."""
+    data = prepare_data(cfg.data, cfg.seed, device, rank, world_size)
+    student, teachers = _models(cfg, data)
+    check_stages(
+        student, _stage_teacher(teachers), cfg.stages, next(iter(data.train)), data.num_train
+    )
+    return data, student, teachers
 
 
 def check_run(cfg: RunConfig) -> None:
-    """Everything that can be checked without training, checked before any training:
-    data, models, checkpoints, and every stage's taps and helper shapes."""
-    data = prepare_data(cfg.data, cfg.seed, torch.device("cpu"))
-    student, teacher = _models(cfg, data)
-    check_stages(student, teacher, cfg.stages, next(iter(data.train)), data.num_train)
+    """Check ``cfg`` as :func:`distill` does before it trains anything, on the CPU."""
+    _checked(cfg, torch.device("cpu"))
 
 
 def distill(
@@ -334,29 +365,29 @@ def distill(
     sweep passes its own directory, so its runs share one store).
     """
     out = Path(out_dir)
-    check_run(cfg)
+    tracking_root = tracking_root or out
     dist, device_name = distributed.setup(cfg.device)
     if cfg.sync_batchnorm and dist.enabled and not device_name.startswith("cuda"):
         raise UserError("sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only)")
     device = resolve_device(device_name)
+    # Checked before anything trains, a teacher to be trained too: its architecture is
+    # all the checks need, and its weights are loaded once it has them.
+    data, student, teachers = _checked(cfg, device, dist.rank, dist.world_size)
     with _locked(out, device):
         _prepare_run_dir(out, resume, force)
-        cfg = resolve_teacher(
-            cfg,
-            out,
-            resume=resume,
-            force=False,
-            progress=progress,
-            tracking_root=tracking_root or out,
+        planned = cfg.all_teachers
+        cfg = resolve_teachers(
+            cfg, own_teachers(out), resume=resume, progress=progress, tracking_root=tracking_root
         )
+        for module, before, after in zip(teachers, planned, cfg.all_teachers, strict=True):
+            if before.checkpoint is None:
+                load_weights(module, after.checkpoint, "teacher")
         _claim_config(out, cfg.to_yaml(), resume)
-        data = prepare_data(cfg.data, cfg.seed, device, dist.rank, dist.world_size)
-        student, teacher = _models(cfg, data)
         if cfg.sync_batchnorm and dist.enabled:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         result = run_stages(
             student,
-            teacher,
+            _stage_teacher(teachers),
             cfg.stages,
             data.train,
             data.test,
@@ -370,7 +401,7 @@ def distill(
             checkpoint_every_steps=cfg.checkpoint_every_steps,
             nonfinite=cfg.nonfinite,
             performance=cfg.performance,
-            **_tracking(cfg, tracking_root or out),
+            **_tracking(cfg, tracking_root),
         )
         if export_safetensors and dist.is_main:
             export_weights(out / "student.pt", out / "student.safetensors")

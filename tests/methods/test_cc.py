@@ -13,7 +13,7 @@ from smskd.config import ReferenceConfig, Stage
 from smskd.methods import Outputs, StageContext
 from smskd.methods.cc import CC
 from smskd.train.epoch import StageObjective, step_loss
-from smskd.train.stages import _build_stage
+from smskd.train.stage import build_stage
 
 CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)
 ROOT3 = math.sqrt(3)
@@ -148,9 +148,8 @@ def test_cc_training_step_moves_student_and_helpers_not_teacher(
     train, test = tiny_data
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     stage = Stage(methods=[{"name": "cc", "embed_dim": embed_dim}], epochs=1, ce_weight=0.0)
-    models, methods = _build_stage(
-        stage, student, teacher, None, next(iter(test)), torch.device("cpu")
-    )
+    built = build_stage(stage, student, teacher, None, next(iter(test)), torch.device("cpu"))
+    models, methods = built.models, built.methods
     method = methods[0]
     assert method.student_layer == "fc:input" and method.teacher_layer == "fc:input"
     helpers = [p.detach().clone() for p in method.parameters()]

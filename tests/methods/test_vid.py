@@ -15,7 +15,7 @@ from smskd.methods.base import Outputs, StageContext
 from smskd.methods.registry import build_method
 from smskd.methods.vid import VID
 from smskd.models.taps import ModelLayout
-from smskd.train.stages import _build_stage
+from smskd.train.stage import build_stage
 
 CONTEXT = StageContext(epochs=1, num_samples=8, num_classes=2)
 EPS = 1e-5
@@ -176,9 +176,10 @@ def test_vid_builds_one_regressor_and_variance_per_stage_pair(
 ):
     monkeypatch.setitem(smskd.methods.registry.METHODS, "vid", VID)
     stage = Stage(methods=["vid"], epochs=1)
-    models, methods = _build_stage(
+    built = build_stage(
         stage, student, teacher, None, next(iter(tiny_data[0])), torch.device("cpu")
     )
+    models, methods = built.models, built.methods
     models.student_taps.remove()
     models.teacher_taps.remove()
     names = set(dict(methods[0].named_parameters()))

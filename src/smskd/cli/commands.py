@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from smskd import __version__
 from smskd.errors import UserError
 from smskd.train.interrupt import RunStopped
+from smskd.version import __version__
 
 EXAMPLES = {
     "quickstart": "smskd quickstart --out runs/quickstart",
@@ -233,7 +233,7 @@ def cmd_datasets(args: argparse.Namespace) -> Output:
 def cmd_completion(args: argparse.Namespace) -> Output:
     from smskd.cli.completion import completion_script
 
-    script = completion_script(_parser(), args.shell)
+    script = completion_script(build_parser(), args.shell)
     return Output(script, {"shell": args.shell, "script": script})
 
 
@@ -259,7 +259,8 @@ def _shape(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``smskd`` parser: every command with its options (completion is written from it)."""
     parser = argparse.ArgumentParser(
         prog="smskd",
         description="Sequential multi-stage knowledge distillation (SMSKD).",
@@ -464,7 +465,7 @@ def _version() -> str:
     return f"smskd {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
 
 
-class _Style:
+class Style:
     """ANSI colour on a terminal only, and never with NO_COLOR set (no-color.org)."""
 
     def __init__(self, stream: Any) -> None:
@@ -475,7 +476,7 @@ class _Style:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.json = args.json or getattr(args, "format", None) == "json"
     try:
         return _run(args, argv)
@@ -489,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    red = _Style(sys.stderr)
+    red = Style(sys.stderr)
     # The library's log lines go to stdout; a script reading --json output must get
     # the JSON alone there, and --quiet wants none of them.
     try:
@@ -530,7 +531,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.json:
         print(json.dumps(output.data, indent=2, default=str))
     elif output.text and not (args.quiet and args.command in _DONE_LINE):
-        bold = _Style(sys.stdout)
+        bold = Style(sys.stdout)
         print(bold(output.text, "1") if args.command in _DONE_LINE else output.text)
     return 0
 

@@ -13,7 +13,7 @@ import argparse
 
 def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
     """The script that ``eval "$(smskd completion bash)"`` installs in a shell."""
-    commands = _subcommands(parser)
+    commands = subcommands(parser)
     top = [*commands, *_options(parser)]
     cases, values = [], []
     for name, sub in commands.items():
@@ -56,7 +56,8 @@ def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
     return body + "\n"
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Each command's name and its own parser."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)

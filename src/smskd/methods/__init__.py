@@ -1,21 +1,30 @@
-"""KD methods, one file each; :mod:`smskd.methods.registry` maps names to classes."""
+"""KD methods, one file each; :mod:`smskd.methods.registry` maps names to classes.
 
-from smskd.methods.at import AT
+Each method's module registers its class (``@register_method``) when imported; the
+imports below are the one list of built-in methods.
+"""
+
 from smskd.methods.base import DistillMethod, Outputs, StageContext
-from smskd.methods.cc import CC
-from smskd.methods.crd import CRD
-from smskd.methods.dist import DIST
-from smskd.methods.dkd import DKD
-from smskd.methods.fitnets import FitNets
-from smskd.methods.ft import FT
+
+# isort: off
+# By family (response, feature, relation): the order of registration is the order
+# `smskd methods`, the docs and error messages list the methods in.
 from smskd.methods.kd import KD
+from smskd.methods.dkd import DKD
+from smskd.methods.dist import DIST
 from smskd.methods.lskd import LSKD
+from smskd.methods.fitnets import FitNets
+from smskd.methods.at import AT
 from smskd.methods.nst import NST
-from smskd.methods.pkt import PKT
+from smskd.methods.vid import VID
+from smskd.methods.ft import FT
 from smskd.methods.reviewkd import ReviewKD
 from smskd.methods.rkd import RKD
 from smskd.methods.sp import SP
-from smskd.methods.vid import VID
+from smskd.methods.pkt import PKT
+from smskd.methods.cc import CC
+from smskd.methods.crd import CRD
+# isort: on
 
 __all__ = [
     "AT",

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs, StageContext
+from smskd.methods.registry import register_method
 
 
 def check_layer_lists(student_layers: list[str], teacher_layers: list[str]) -> None:
@@ -60,6 +61,7 @@ def attention_map(f: Tensor, p: float) -> Tensor:
     return F.normalize(f.abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
+@register_method
 class AT(DistillMethod):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, arXiv:1612.03928).
 

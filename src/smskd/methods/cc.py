@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from smskd.methods.base import DistillMethod, Outputs, StageContext, check_width
 from smskd.methods.functional import unit_rows
+from smskd.methods.registry import register_method
 
 MAX_ORDER = 170  # the Taylor coefficients divide by p!, a float only up to 170!
 
@@ -26,6 +27,7 @@ def correlation_matrix(embeddings: Tensor, gamma: float, order: int) -> Tensor:
     return math.exp(-2 * gamma) * series
 
 
+@register_method
 class CC(DistillMethod):
     """Correlation congruence KD (Peng et al., ICCV 2019, arXiv:1904.01802).
 

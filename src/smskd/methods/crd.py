@@ -6,14 +6,16 @@ import math
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs, StageContext, check_width
-from smskd.train.distributed import all_gather_cat
+from smskd.methods.registry import register_method
 
 
+@register_method
 class CRD(DistillMethod):
     """Contrastive Representation Distillation (Tian, Krishnan & Isola, ICLR 2020,
     arXiv:1910.10699), as in the official code (HobbitLong/RepDistiller, ``crd/``).
@@ -142,9 +144,9 @@ class CRD(DistillMethod):
         if self.training:
             with torch.no_grad():
                 # Under DDP every rank applies every rank's update: the banks stay equal.
-                index = all_gather_cat(index)
+                index = _all_gather_cat(index)
                 for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-                    v = all_gather_cat(v.detach())
+                    v = _all_gather_cat(v.detach())
                     mixed = self.momentum * bank[index] + (1 - self.momentum) * v
                     bank.index_copy_(0, index, F.normalize(mixed, dim=1))
         return loss
@@ -156,7 +158,7 @@ class CRD(DistillMethod):
         # log(N · mean exp(logits)), never forming exp(logits).
         fresh = torch.logsumexp(logits.detach().flatten(), 0) + math.log(n / logits.numel())
         if self.training:  # under DDP: the estimate over all ranks' batches, equal everywhere
-            estimates = all_gather_cat(fresh.view(1))
+            estimates = _all_gather_cat(fresh.view(1))
             fresh = torch.logsumexp(estimates, 0) - math.log(len(estimates))
         # torch.where, not `if isnan`: no host sync. Outside training Z is used, not set.
         log_z = torch.where(self.log_z[slot].isnan(), fresh, self.log_z[slot])
@@ -181,3 +183,12 @@ class CRD(DistillMethod):
                 f"[0, {n}); the loader's index must be the position in the training set"
             )
         return index.long()
+
+
+def _all_gather_cat(tensor: Tensor) -> Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0 (equal shapes on all ranks)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)

@@ -7,6 +7,7 @@ import math
 from torch import Tensor
 
 from smskd.methods.base import DistillMethod, Outputs
+from smskd.methods.registry import register_method
 
 SPREAD_FLOOR = 1e-3
 """Relative spread below which a probability vector counts as constant (see ``_pearson_rows``)."""
@@ -38,6 +39,7 @@ def _pearson_rows(a: Tensor, b: Tensor, floor: float = SPREAD_FLOOR) -> Tensor:
     return (a * b).sum(dim=1) / (norm_a * norm_b).clamp_min(1e-30)
 
 
+@register_method
 class DIST(DistillMethod):
     """DIST, distillation from a stronger teacher (Huang et al., NeurIPS 2022, arXiv:2205.10536).
 

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs, StageContext
+from smskd.methods.registry import register_method
 
 
 def _split(log_p: Tensor, is_target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -29,6 +30,7 @@ def _kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.xlogy(p, p) - p * log_q
 
 
+@register_method
 class DKD(DistillMethod):
     """Decoupled KD (Zhao et al., CVPR 2022, arXiv:2203.08679).
 

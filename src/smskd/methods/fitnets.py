@@ -8,8 +8,10 @@ from torch import Tensor, nn
 
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs, StageContext
+from smskd.methods.registry import register_method
 
 
+@register_method
 class FitNets(DistillMethod):
     """FitNets hint loss (Romero et al., ICLR 2015, arXiv:1412.6550).
 

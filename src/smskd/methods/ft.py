@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs, StageContext
+from smskd.methods.registry import register_method
 
 
 def _conv_stack(channels: list[int], batch_norm: bool, transpose: bool = False) -> nn.Sequential:
@@ -24,6 +25,7 @@ def _conv_stack(channels: list[int], batch_norm: bool, transpose: bool = False) 
     return nn.Sequential(*layers)
 
 
+@register_method
 class FT(DistillMethod):
     """Factor transfer (Kim, Park & Kwak, NeurIPS 2018, arXiv:1802.04977).
 

@@ -6,8 +6,10 @@ from torch import Tensor
 
 from smskd.methods.base import DistillMethod, Outputs
 from smskd.methods.functional import soft_kl
+from smskd.methods.registry import register_method
 
 
+@register_method
 class KD(DistillMethod):
     """Knowledge distillation (Hinton, Vinyals & Dean, 2015, arXiv:1503.02531).
 

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from smskd.methods.base import DistillMethod, Outputs
 from smskd.methods.functional import soft_kl
+from smskd.methods.registry import register_method
 
 STD_FLOOR = 1e-2
 """Standard deviation (in logit units) below which a row of logits counts as constant."""
@@ -31,6 +32,7 @@ def zscore(logits: Tensor, floor: float = STD_FLOOR) -> Tensor:
     return unit / std.clamp_min(floor / scale)
 
 
+@register_method
 class LSKD(DistillMethod):
     """KD with logit standardization (Sun et al., CVPR 2024, arXiv:2403.01427).
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from smskd.methods.at import check_layer_lists, check_map_pairs, pool_to_common_size
 from smskd.methods.base import DistillMethod, Outputs, StageContext
+from smskd.methods.registry import register_method
 
 
 def _mean_kernel(a: Tensor, b: Tensor, degree: int, c: float) -> Tensor:
@@ -17,6 +18,7 @@ def _mean_kernel(a: Tensor, b: Tensor, degree: int, c: float) -> Tensor:
     return (torch.bmm(a, b.transpose(1, 2)) + c).pow(degree).mean(dim=(1, 2))
 
 
+@register_method
 class NST(DistillMethod):
     """Neuron selectivity transfer (Huang & Wang, 2017, arXiv:1707.01219).
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from smskd.methods.base import DistillMethod, Outputs, StageContext
 from smskd.methods.functional import unit_rows
+from smskd.methods.registry import register_method
 
 
 def conditional_probabilities(features: Tensor) -> Tensor:
@@ -23,6 +24,7 @@ def conditional_probabilities(features: Tensor) -> Tensor:
     return kernel / kernel.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+@register_method
 class PKT(DistillMethod):
     """Probabilistic Knowledge Transfer (Passalis & Tefas, ECCV 2018, arXiv:1803.10837).
 

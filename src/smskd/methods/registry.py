@@ -9,39 +9,19 @@ from typing import Any
 from pydantic import ConfigDict, ValidationError, create_model
 
 from smskd.errors import UserError, choices
-from smskd.methods import (
-    AT,
-    CC,
-    CRD,
-    DIST,
-    DKD,
-    FT,
-    KD,
-    LSKD,
-    NST,
-    PKT,
-    RKD,
-    SP,
-    VID,
-    DistillMethod,
-    FitNets,
-    ReviewKD,
-)
+from smskd.methods.base import DistillMethod
 from smskd.models.taps import ModelLayout, check_tap_name
 
-# Listed by family: response, feature, relation.
-METHODS: dict[str, type[DistillMethod]] = {
-    cls.name: cls
-    for cls in (KD, DKD, DIST, LSKD, FitNets, AT, NST, VID, FT, ReviewKD, RKD, SP, PKT, CC, CRD)
-}
-
+# Name → class, filled by register_method: the built-ins as smskd.methods imports them.
+METHODS: dict[str, type[DistillMethod]] = {}
 
 FAMILIES = ("response", "feature", "relation")
 
 
 def register_method(cls: type[DistillMethod]) -> type[DistillMethod]:
-    """Make a user's :class:`DistillMethod` subclass usable by name, in ``Stage`` and in
-    configs loaded in the same process, like a built-in method (also as a decorator).
+    """Make a :class:`DistillMethod` subclass usable by name, in ``Stage`` and in configs
+    loaded in the same process (also as a decorator): every built-in method registers
+    itself this way, and so can a user's.
 
     The class needs ``name``, ``family`` and ``citation`` class attributes and type
     hints on its constructor's options, which are checked like the built-ins' options.

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs, StageContext
+from smskd.methods.registry import register_method
 
 PYRAMID_LEVELS = (4, 2, 1)
 
@@ -64,6 +65,7 @@ class _ABF(nn.Module):
         return self.project(x), x
 
 
+@register_method
 class ReviewKD(DistillMethod):
     """Knowledge review (Chen, Liu, Zhao & Jia, CVPR 2021, arXiv:2104.09044).
 

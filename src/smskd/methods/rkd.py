@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from smskd.methods.base import DistillMethod, Outputs, StageContext
+from smskd.methods.registry import register_method
 
 
 def _normalized_distances(e: Tensor) -> Tensor:
@@ -28,6 +29,7 @@ def _angles(e: Tensor) -> Tensor:
     return torch.bmm(diff, diff.transpose(1, 2))
 
 
+@register_method
 class RKD(DistillMethod):
     """Relational KD, distance + angle (Park et al., CVPR 2019, arXiv:1904.05068).
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from smskd.methods.base import DistillMethod, Outputs, StageContext
 from smskd.methods.functional import unit_rows
+from smskd.methods.registry import register_method
 
 
 def similarity_matrix(features: Tensor) -> Tensor:
@@ -18,6 +19,7 @@ def similarity_matrix(features: Tensor) -> Tensor:
     return unit_rows(q @ q.t())
 
 
+@register_method
 class SP(DistillMethod):
     """Similarity-preserving KD (Tung & Mori, ICCV 2019, arXiv:1907.09682).
 

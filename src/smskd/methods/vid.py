@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from smskd.errors import UserError
 from smskd.methods.at import check_layer_lists
 from smskd.methods.base import DistillMethod, Outputs, StageContext, check_width
+from smskd.methods.registry import register_method
 
 
 def _as_map(f: Tensor) -> Tensor:
@@ -19,6 +20,7 @@ def _as_map(f: Tensor) -> Tensor:
     return f[:, :, None, None] if f.dim() == 2 else f
 
 
+@register_method
 class VID(DistillMethod):
     """Variational information distillation (Ahn et al., CVPR 2019, arXiv:1904.05835).
 

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from smskd import __version__
 from smskd.errors import UserError
 from smskd.store.runlock import LOCK_NAME
+from smskd.version import __version__
 
 MARKER = ".smskd-run"
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from smskd.errors import UserError
+from smskd.study.results import RecipeResult, SweepResults
 from smskd.study.stats import mean_std
-
-if TYPE_CHECKING:
-    from smskd.study.report import RecipeResult, SweepResults
 
 
 def require_matplotlib() -> Any:

@@ -1,189 +1,17 @@
-"""Readable results: markdown tables of runs and the provenance of the numbers.
-
-The quickstart's one-seed table, and a sweep's report (:func:`write_sweep_report`):
-one table per comparison with mean ± std over seeds and paired differences to joint
-and to the best single method, plain-sentence findings, plots, and what made them.
-"""
+"""A sweep's report as markdown: one table per comparison with mean ± std over seeds
+and paired differences to joint and to the best single method, plain-sentence findings,
+the plots, and what made the numbers (:func:`write_sweep_report`)."""
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from smskd.errors import UserError
+from smskd.store.provenance import git_commit, software
+from smskd.study.plots import require_matplotlib, sweep_plots
+from smskd.study.results import RecipeResult, SweepResults, load_sweep_results
 from smskd.study.stats import PairedDifference, mean_std, paired_difference
-
-
-@dataclass
-class Row:
-    recipe: str
-    stages: str
-    final_acc: float
-    best_acc: float
-    wall_time: float
-
-
-def git_commit(path: Path | None = None) -> str:
-    """Short commit of the checkout at ``path``, with ``-dirty`` if files differ from it."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
-            cwd=path or Path.cwd(),
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def results_table(rows: list[Row], teacher_acc: float | None = None) -> str:
-    """Markdown table; the best final accuracy among the rows is bold."""
-    best = max((r.final_acc for r in rows), default=None)
-    lines = [
-        "| recipe | stages | test acc (last epoch) | test acc (best epoch) | train+eval time |",
-        "|---|---|---:|---:|---:|",
-    ]
-    if teacher_acc is not None:
-        lines.append(f"| teacher | labels only | {teacher_acc:.2f} | – | – |")
-    for r in rows:
-        acc = f"{r.final_acc:.2f}"
-        acc = f"**{acc}**" if r.final_acc == best else acc
-        lines.append(f"| {r.recipe} | {r.stages} | {acc} | {r.best_acc:.2f} | {r.wall_time:.1f}s |")
-    return "\n".join(lines)
-
-
-def write_report(
-    path: Path, title: str, rows: list[Row], teacher_acc: float | None, notes: list[str]
-) -> None:
-    body = [
-        f"# {title}",
-        "",
-        results_table(rows, teacher_acc),
-        "",
-        "Accuracy is top-1 on the test split, in percent. *Last epoch* is the headline;",
-        "*best epoch* picks the best of all epochs on the test split itself, so it is",
-        "optimistic and shown only for comparison with papers that report it.",
-        "",
-        *[f"- {note}" for note in notes],
-        f"- smskd commit `{git_commit(path.parent)}`, torch {torch.__version__}, "
-        f"Python {platform.python_version()}, {platform.machine()}",
-        "",
-    ]
-    path.write_text("\n".join(body))
-
-
-# --------------------------------------------------------------------------- sweeps
-
-
-@dataclass
-class RecipeResult:
-    """One recipe of a sweep (one base), over the seeds that finished."""
-
-    label: str
-    kind: str
-    group: str
-    base: str
-    stages: str
-    final: dict[int, float] = field(default_factory=dict)  # seed → last-epoch test acc
-    best: dict[int, float] = field(default_factory=dict)  # seed → best-epoch test acc
-    wall_time: dict[int, float] = field(default_factory=dict)  # seed → train+eval seconds
-    curves: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # seed → records
-    same_as: str | None = None  # label of the recipe whose runs these are
-
-    @property
-    def seeds(self) -> int:
-        return len(self.final)
-
-
-@dataclass
-class SweepResults:
-    index: dict[str, Any]
-    recipes: list[RecipeResult]
-
-    def bases(self) -> list[str]:
-        return list(dict.fromkeys(r.base for r in self.recipes))
-
-    def groups(self, base: str) -> list[str]:
-        return list(dict.fromkeys(r.group for r in self.recipes if r.base == base))
-
-    def of(
-        self, base: str, group: str | None = None, kind: str | None = None
-    ) -> list[RecipeResult]:
-        return [
-            r
-            for r in self.recipes
-            if r.base == base
-            and (group is None or r.group == group)
-            and (kind is None or r.kind == kind)
-        ]
-
-    def teachers(self) -> list[dict[str, Any]]:
-        return [t for t in self.index.get("teachers", []) if t.get("final_acc") is not None]
-
-
-def load_sweep_results(runs_dir: str | Path) -> SweepResults:
-    """Read ``index.json`` and every finished run's ``metrics.jsonl`` under ``runs_dir``."""
-    from smskd.store.tracking import MetricsLog
-
-    root = Path(runs_dir)
-    index_path = root / "index.json"
-    if not index_path.is_file():
-        raise UserError(
-            f"{root} has no index.json: point smskd report at a directory written by smskd sweep"
-        )
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{index_path}: not valid JSON ({err})") from None
-    recipes: dict[tuple[str, str], RecipeResult] = {}
-    label_of_dir = {run["dir"]: run["label"] for run in index["runs"] if not run.get("same_as")}
-    for run in index["runs"]:
-        key = (run["base"], run["label"])
-        if key not in recipes:
-            same = run.get("same_as")
-            recipes[key] = RecipeResult(
-                run["label"],
-                run["kind"],
-                run["group"],
-                run["base"],
-                run["stages"],
-                same_as=label_of_dir.get(same) if same else None,
-            )
-        recipe = recipes[key]
-        run_dir = _located(root, run.get("same_as") or run["dir"])
-        records = MetricsLog(run_dir / "metrics.jsonl").records
-        if not (run_dir / "result.json").is_file() or not records:
-            continue  # not finished (yet): its seed is not counted
-        seed = run["seed"]
-        recipe.final[seed] = records[-1]["test_acc"]
-        recipe.best[seed] = max(r["test_acc"] for r in records)
-        recipe.wall_time[seed] = sum(r["epoch_time"] for r in records)
-        recipe.curves[seed] = records
-    return SweepResults(index, list(recipes.values()))
-
-
-def _located(root: Path, run_dir: str) -> Path:
-    """A run directory as the index names it, or the same path found under ``root``
-    (a sweep directory that was moved, or read from another working directory)."""
-    path = Path(run_dir)
-    if path.is_dir():
-        return path
-    parts = path.parts
-    for start in range(len(parts)):
-        candidate = root.joinpath(*parts[start:])
-        if candidate.is_dir():
-            return candidate
-    return path
 
 
 def _mean_std_text(values: dict[int, float]) -> str:
@@ -402,18 +230,14 @@ def _provenance(results: SweepResults, root: Path) -> list[str]:
         f"{seconds / 60:.0f} min of student training and evaluation."
     )
     lines.append(
-        f"- Report written by commit `{git_commit(Path(__file__).parent)}`, torch "
-        f"{torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores."
+        f"- Report written by commit `{git_commit()}`, {software()}, {os.cpu_count()} CPU cores."
     )
     return [*lines, ""]
 
 
 def _plots(results: SweepResults, root: Path) -> dict[str, list[tuple[str, Path]]]:
-    from smskd.study import plots
-
     try:
-        plots.require_matplotlib()
+        require_matplotlib()
     except UserError as err:
         print(f"smskd report: plots skipped: {err}")
         return {}
@@ -421,5 +245,5 @@ def _plots(results: SweepResults, root: Path) -> dict[str, list[tuple[str, Path]
     several = len(results.bases()) > 1
     for base in results.bases():
         folder = root / "plots" / (base if several else "")
-        made[base] = plots.sweep_plots(results, base, folder)
+        made[base] = sweep_plots(results, base, folder)
     return made

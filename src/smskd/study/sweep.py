@@ -54,9 +54,9 @@ from smskd.config import (
 from smskd.errors import UserError
 from smskd.store import rundir
 from smskd.store.checkpoint import atomic_write_text
+from smskd.store.provenance import git_commit
 from smskd.store.tracking import MetricsLog
 from smskd.study.recipes import RECIPES, expand
-from smskd.study.report import git_commit
 
 INDEX = "index.json"
 RESULT = "result.json"
@@ -356,40 +356,49 @@ class Sweep:
             self.commits = old.get("commits") or ([old["commit"]] if "commit" in old else [])
         self.sizes: dict[str, str] = {}
 
-    def _teacher(self, cfg: RunConfig, teacher: TeacherConfig) -> TeacherConfig:
-        from smskd.experiment import TEACHER_WEIGHTS, train_teacher
-
-        if teacher.checkpoint is not None:
-            return teacher
+    def _shared_teacher(
+        self, cfg: RunConfig, _j: int, teacher: TeacherConfig
+    ) -> tuple[RunConfig, Path]:
+        """Each distinct teacher trains once, with the sweep's teacher seed, into
+        ``OUT/teachers/<model>-<hash of what trains it>``, and every run shares it."""
         trainer = _teacher_trainer(cfg, teacher, self.sweep.teacher_seed)
         # Tracking changes where numbers go, not the teacher: it stays out of the name.
         identity = yaml.safe_dump(
             trainer.model_dump(mode="json", exclude={"tracking"}), sort_keys=False
         )
         sha = hashlib.sha256(identity.encode()).hexdigest()[:8]
-        teacher_dir = self.out / "teachers" / f"{_slug(teacher.model.label)}-{sha}"
-        weights = teacher_dir / TEACHER_WEIGHTS
-        if not weights.exists():
-            self.log(f"training teacher {teacher.model.label} into {teacher_dir}")
-            train_teacher(
-                trainer, teacher_dir, resume=True, progress=self.progress, tracking_root=self.out
-            )
-        if str(teacher_dir) not in self.teachers:
-            records = MetricsLog(teacher_dir / "metrics.jsonl").records
-            self.teachers[str(teacher_dir)] = {
-                "model": teacher.model.label,
-                "dir": str(teacher_dir),
-                "epochs": teacher.epochs,
-                "final_acc": records[-1]["test_acc"] if records else None,
-            }
-            self._write_index()
-        return teacher.model_copy(update={"checkpoint": str(weights)})
+        return trainer, self.out / "teachers" / f"{_slug(teacher.model.label)}-{sha}"
 
     def _with_teachers(self, cfg: RunConfig) -> RunConfig:
-        teachers = [self._teacher(cfg, t) for t in cfg.all_teachers]
-        if not teachers:
-            return cfg
-        return cfg.model_copy(update={"teacher": teachers[0], "extra_teachers": teachers[1:]})
+        from smskd.experiment import resolve_teachers
+
+        resolved = resolve_teachers(
+            cfg,
+            self._shared_teacher,
+            resume=True,
+            progress=self.progress,
+            tracking_root=self.out,
+            log=self.log,
+        )
+        for planned, teacher in zip(cfg.all_teachers, resolved.all_teachers, strict=True):
+            if planned.checkpoint is None:
+                self._list_teacher(teacher)
+        return resolved
+
+    def _list_teacher(self, teacher: TeacherConfig) -> None:
+        """Put a shared teacher in ``index.json``, once."""
+        assert teacher.checkpoint is not None
+        teacher_dir = Path(teacher.checkpoint).parent
+        if str(teacher_dir) in self.teachers:
+            return
+        records = MetricsLog(teacher_dir / "metrics.jsonl").records
+        self.teachers[str(teacher_dir)] = {
+            "model": teacher.model.label,
+            "dir": str(teacher_dir),
+            "epochs": teacher.epochs,
+            "final_acc": records[-1]["test_acc"] if records else None,
+        }
+        self._write_index()
 
     def _write_index(self) -> None:
         index = {

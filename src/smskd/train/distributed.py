@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from smskd.errors import UserError
 
@@ -77,15 +78,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's ``tensor`` along dim 0 (equal shapes on all ranks)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any rank (e.g. a stop request)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -111,3 +103,35 @@ def sync_buffers(model: torch.nn.Module) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def data_parallel(student: nn.Module, helpers: list[nn.Module], device: torch.device) -> nn.Module:
+    """DDP over the student and a stage's helpers (its methods); teacher and reference
+    stay plain. Call it with the stage's taps in place; the result runs the student."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    trainable = _StudentAndHelpers(student, helpers)
+    # Method buffers (CRD's memory banks) are kept equal by the method itself, which
+    # gathers every rank's update; broadcasting them from rank 0 each step would
+    # only move megabytes for nothing.
+    ignored = [f"methods.{name}" for name, _ in trainable.methods.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trainable, ignored)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(trainable, device_ids=device_ids)
+
+
+class _StudentAndHelpers(nn.Module):
+    """Student plus the stage's helpers, as one module for DDP to synchronize.
+
+    Its forward is the student's: the helpers get their gradients in the loss, and
+    DDP averages every parameter's gradient as it becomes ready, used in this
+    forward or not.
+    """
+
+    def __init__(self, student: nn.Module, helpers: list[nn.Module]) -> None:
+        super().__init__()
+        self.student = student
+        self.methods = nn.ModuleList(helpers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)

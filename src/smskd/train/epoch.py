@@ -22,7 +22,7 @@ from smskd.models.taps import FeatureTaps
 from smskd.store.checkpoint import set_rng_state
 from smskd.train.acceleration import Acceleration, as_float
 from smskd.train.distributed import all_reduce_sum
-from smskd.train.output_cache import CachedOutputs
+from smskd.train.output_cache import CachedOutputs, cache_outputs
 from smskd.train.reference import reference_term, weight_histogram
 
 
@@ -59,6 +59,31 @@ class StageModels:
             if frozen is not None:
                 frozen.eval()
 
+    def cache_frozen_outputs(self, loader: object, max_bytes: float) -> list[CachedOutputs]:
+        """Fill the teacher's cache (outputs at the stage's taps) and the reference's
+        (logits), within ``max_bytes`` together; return the caches filled."""
+        budget = max_bytes
+        if self.teacher is not None:
+            self.teacher_cache = cache_outputs(
+                self.teacher, self.teacher_taps, loader, self.acceleration, max_bytes=budget
+            )
+            budget -= self.teacher_cache.nbytes
+        if self.reference is not None:
+            self.reference_cache = cache_outputs(
+                self.reference, None, loader, self.acceleration, max_bytes=budget, what="reference"
+            )
+        return [c for c in (self.teacher_cache, self.reference_cache) if c is not None]
+
+    def compile(self) -> None:
+        """``torch.compile`` what runs a forward, if the acceleration asks for it: the
+        student, and teacher and reference unless their outputs come from a cache. Only
+        once the taps exist: compiled hooks are traced, later ones never fire."""
+        self.student = self.acceleration.compiled(self.student)
+        if self.teacher_cache is None:
+            self.teacher = self.acceleration.compiled(self.teacher)
+        if self.reference_cache is None:
+            self.reference = self.acceleration.compiled(self.reference)
+
 
 def unpack_batch(batch: object, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
     """Accept ``(x, y)`` or ``(x, y, index)`` as any DataLoader yields them."""
@@ -76,9 +101,9 @@ def unpack_batch(batch: object, device: torch.device) -> tuple[Tensor, Tensor, T
 
 def forward_outputs(models: StageModels, x: Tensor, y: Tensor, index: Tensor | None) -> Outputs:
     """Run teacher (or read its cache), then student; outputs in fp32 for the losses."""
-    run = models.acceleration
-    x = run.inputs(x)
-    with run.autocast():
+    acceleration = models.acceleration
+    x = acceleration.inputs(x)
+    with acceleration.autocast():
         teacher_logits, teacher_features = frozen_outputs(
             models.teacher, models.teacher_taps, models.teacher_cache, x, index
         )
@@ -119,8 +144,8 @@ def step_loss(
     models: StageModels, objective: StageObjective, x: Tensor, y: Tensor, index: Tensor | None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The stage's total loss for one batch and its detached terms (for logging)."""
-    run = models.acceleration
-    x = run.inputs(x)  # once: forward_outputs' own call is then free
+    acceleration = models.acceleration
+    x = acceleration.inputs(x)  # once: forward_outputs' own call is then free
     out = forward_outputs(models, x, y, index)
     terms: dict[str, Tensor] = {}
     total = out.student_logits.new_zeros((), dtype=torch.float32)
@@ -133,7 +158,7 @@ def step_loss(
         terms[method.name] = value
         total = total + weight * value
     if models.reference is not None:
-        with run.autocast():
+        with acceleration.autocast():
             reference_logits, _ = frozen_outputs(
                 models.reference, None, models.reference_cache, x, index
             )
@@ -274,14 +299,14 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy over ``batches`` (summed over ranks
     under DDP, where each rank evaluates its own shard), in the training's precision."""
-    run = acceleration or Acceleration(device.type)
+    acceleration = acceleration or Acceleration(device.type)
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss, count
     for batch in batches:
         x, y, _ = unpack_batch(batch, device)
-        with run.autocast():
-            logits = model(run.inputs(x))
+        with acceleration.autocast():
+            logits = model(acceleration.inputs(x))
         logits = logits.float()
         totals[0] += (logits.argmax(dim=1) == y).sum()
         totals[1] += F.cross_entropy(logits, y, reduction="sum")

@@ -10,6 +10,10 @@ import signal
 import threading
 from types import FrameType
 
+import torch
+
+from smskd.train import distributed
+
 _NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
@@ -35,6 +39,13 @@ class StopRequest:
     @property
     def name(self) -> str:
         return _NAMES.get(self.signum, str(self.signum)) if self.signum is not None else ""
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether to stop now, the same answer on every rank of a DDP job (ranks receive
+        a signal at different moments; a collective, so every rank must ask)."""
+        if distributed.any_rank(self.requested, device) and not self.requested:
+            self.signum = signal.SIGTERM
+        return self.requested
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.signum is not None and signum == signal.SIGINT:

@@ -1,0 +1,112 @@
+"""A sweep's results as data: its ``index.json`` and every finished run's per-epoch
+log, read into one :class:`RecipeResult` per recipe and base (what the report's tables
+and the plots are drawn from)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from smskd.errors import UserError
+from smskd.store.tracking import MetricsLog
+
+
+@dataclass
+class RecipeResult:
+    """One recipe of a sweep (one base), over the seeds that finished."""
+
+    label: str
+    kind: str
+    group: str
+    base: str
+    stages: str
+    final: dict[int, float] = field(default_factory=dict)  # seed → last-epoch test acc
+    best: dict[int, float] = field(default_factory=dict)  # seed → best-epoch test acc
+    wall_time: dict[int, float] = field(default_factory=dict)  # seed → train+eval seconds
+    curves: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # seed → records
+    same_as: str | None = None  # label of the recipe whose runs these are
+
+    @property
+    def seeds(self) -> int:
+        return len(self.final)
+
+
+@dataclass
+class SweepResults:
+    index: dict[str, Any]
+    recipes: list[RecipeResult]
+
+    def bases(self) -> list[str]:
+        return list(dict.fromkeys(r.base for r in self.recipes))
+
+    def groups(self, base: str) -> list[str]:
+        return list(dict.fromkeys(r.group for r in self.recipes if r.base == base))
+
+    def of(
+        self, base: str, group: str | None = None, kind: str | None = None
+    ) -> list[RecipeResult]:
+        return [
+            r
+            for r in self.recipes
+            if r.base == base
+            and (group is None or r.group == group)
+            and (kind is None or r.kind == kind)
+        ]
+
+    def teachers(self) -> list[dict[str, Any]]:
+        return [t for t in self.index.get("teachers", []) if t.get("final_acc") is not None]
+
+
+def load_sweep_results(runs_dir: str | Path) -> SweepResults:
+    """Read ``index.json`` and every finished run's ``metrics.jsonl`` under ``runs_dir``."""
+    root = Path(runs_dir)
+    index_path = root / "index.json"
+    if not index_path.is_file():
+        raise UserError(
+            f"{root} has no index.json: point smskd report at a directory written by smskd sweep"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{index_path}: not valid JSON ({err})") from None
+    recipes: dict[tuple[str, str], RecipeResult] = {}
+    label_of_dir = {run["dir"]: run["label"] for run in index["runs"] if not run.get("same_as")}
+    for run in index["runs"]:
+        key = (run["base"], run["label"])
+        if key not in recipes:
+            same = run.get("same_as")
+            recipes[key] = RecipeResult(
+                run["label"],
+                run["kind"],
+                run["group"],
+                run["base"],
+                run["stages"],
+                same_as=label_of_dir.get(same) if same else None,
+            )
+        recipe = recipes[key]
+        run_dir = _located(root, run.get("same_as") or run["dir"])
+        records = MetricsLog(run_dir / "metrics.jsonl").records
+        if not (run_dir / "result.json").is_file() or not records:
+            continue  # not finished (yet): its seed is not counted
+        seed = run["seed"]
+        recipe.final[seed] = records[-1]["test_acc"]
+        recipe.best[seed] = max(r["test_acc"] for r in records)
+        recipe.wall_time[seed] = sum(r["epoch_time"] for r in records)
+        recipe.curves[seed] = records
+    return SweepResults(index, list(recipes.values()))
+
+
+def _located(root: Path, run_dir: str) -> Path:
+    """A run directory as the index names it, or the same path found under ``root``
+    (a sweep directory that was moved, or read from another working directory)."""
+    path = Path(run_dir)
+    if path.is_dir():
+        return path
+    parts = path.parts
+    for start in range(len(parts)):
+        candidate = root.joinpath(*parts[start:])
+        if candidate.is_dir():
+            return candidate
+    return path
