@@ -477,6 +477,13 @@ def load_config(
     return cfg
 
 
+def read_stored_config(path: str | Path) -> RunConfig:
+    """A run directory's ``config.yaml`` read to be compared, never built: validated
+    without importing any code it names (the directory may come from someone else)."""
+    raw = read_yaml_mapping(path, "config file", "seed, data, stages, ...")
+    return validate(RunConfig, raw, str(path), import_code=False)
+
+
 def _refuse_code(cfg: RunConfig, where: str) -> None:
     named = [m.factory for m in (cfg.student.model, *(t.model for t in cfg.all_teachers))]
     factories = [f for f in named if f is not None]

@@ -26,7 +26,7 @@ from smskd.config import (
     RunConfig,
     TeacherConfig,
     load_config,
-    read_yaml_mapping,
+    read_stored_config,
     validate,
 )
 from smskd.data.augment import Augment
@@ -195,9 +195,7 @@ def _same_config(saved: Path, cfg_yaml: str) -> bool:
     if saved.read_text() == cfg_yaml:
         return True
     try:
-        # Compared, never built: a received directory's config may name code to import.
-        raw = read_yaml_mapping(saved, "config file", "seed, data, stages, ...")
-        return validate(RunConfig, raw, str(saved), import_code=False).to_yaml() == cfg_yaml
+        return read_stored_config(saved).to_yaml() == cfg_yaml
     except UserError:
         return False
 

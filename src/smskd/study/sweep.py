@@ -48,6 +48,7 @@ from smskd.config import (
     TeacherConfig,
     _Strict,
     load_config,
+    read_stored_config,
     read_yaml_mapping,
     validate,
 )
@@ -494,11 +495,7 @@ class Sweep:
 def _check_same_config(run: PlannedRun) -> None:
     """A finished run is reused only if it ran the config planned now: a changed sweep
     or base file must not mix old and new results in one report."""
-    path = Path(run.dir) / "config.yaml"
-    # Compared, never built: nothing a directory's config names is imported.
-    saved = validate(
-        RunConfig, read_yaml_mapping(path, "config", "seed"), str(path), import_code=False
-    )
+    saved = read_stored_config(Path(run.dir) / "config.yaml")
     assert run.config is not None
     planned = run.config.all_teachers
     # The sweep fills in the shared teachers' weights; the plan has them still empty.
