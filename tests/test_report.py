@@ -108,7 +108,7 @@ def test_aggregation_by_hand(sweep_dir: Path) -> None:
     # The best single is single-kd (mean 80): differences 1, 3, 5 → +3 ± 4.303·2/√3 = ±4.97.
     half = 4.302653 * 2 / math.sqrt(3)
     assert main["smskd"][5] == f"**+3.00 [{3 - half:+.2f}, {3 + half:+.2f}]**"
-    assert "Δ last vs single-kd" in report
+    assert "Δ test last vs single-kd" in report
     assert main["joint"][4] == "–" and main["single-kd"][5] == "–"  # no Δ to itself
     assert main["single-fitnets"][2] == "75.00 ± 0.00"
     assert main["teacher resnet20"][:3] == ["labels only", "1", "90.00"]
@@ -120,7 +120,7 @@ def test_aggregation_by_hand(sweep_dir: Path) -> None:
     # ref-none vs joint over seeds 0, 1: differences -1, -2 → -1.5 ± 12.706·0.7071/√2.
     assert reference["ref-none"][4] == "**-1.50 [-7.85, +4.85]**"
     # Ablation tables also compare with the default SMSKD run: -2, -4 → -3 ± 12.706·√2/√2.
-    assert "Δ last vs smskd [95% CI]" in report.split("### reference")[1].split("\n\n")[1]
+    assert "Δ test last vs smskd [95% CI]" in report.split("### reference")[1].split("\n\n")[1]
     assert reference["ref-none"][6] == "**-3.00 [-15.71, +9.71]**"
     assert reference["teacher resnet20"][-4:] == ["–", "–", "–", "–"]
     assert "stages-2 (= smskd)" in table_rows(report, "stages")
@@ -128,7 +128,7 @@ def test_aggregation_by_hand(sweep_dir: Path) -> None:
     headline = "vs joint: Δ last-epoch accuracy +1.00 [-1.48, +3.48] over 3 paired seeds — no "
     assert headline in report
     assert "commit(s) `abc1234`" in report and "configs/sweeps/fake.yaml" in report
-    assert "*Best epoch*" in report and "optimistic" in report
+    assert "*best epoch* is the best of all epochs on the test split" in report
 
 
 def test_plots_are_written_and_not_blank(sweep_dir: Path) -> None:
@@ -154,3 +154,69 @@ def test_weight_distribution_is_the_mean_histogram_per_stage(sweep_dir: Path) ->
 def test_report_cli_on_a_directory_without_index(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "no index.json" in capsys.readouterr().err
+
+
+# A sweep with a validation split: per recipe, per seed, (val, test) of 3 epochs.
+VALIDATED = {
+    "single-kd": {0: [(60, 70), (62, 80), (61, 81)], 1: [(60, 70), (63, 79), (62, 82)]},
+    "single-fitnets": {0: [(70, 60), (72, 61), (71, 62)], 1: [(70, 60), (71, 64), (72, 63)]},
+    "smskd": {0: [(50, 50), (65, 75), (64, 77)], 1: [(55, 55), (66, 74), (64, 78)]},
+    "ref-none": {0: [(50, 50), (60, 70), (61, 72)], 1: [(55, 55), (60, 71), (62, 73)]},
+}
+# The forgetting rows of the two 2-stage recipes: stage 1's KD loss at the ends of
+# stages 1 and 2.
+FORGOT = {"smskd": {0: (1.0, 1.5), 1: (2.0, 2.25)}, "ref-none": {0: (1.0, 2.0), 1: (2.0, 3.0)}}
+
+
+def fabricate_validated(root: Path) -> None:
+    runs = []
+    for label, seeds in VALIDATED.items():
+        kind = "smskd" if label in FORGOT else "single"
+        for seed, epochs in seeds.items():
+            run_dir = root / label / f"seed-{seed}"
+            run_dir.mkdir(parents=True)
+            runs.append({"label": label, "kind": kind, "seed": seed, "base": "fake",
+                         "group": "reference" if label == "ref-none" else "main",
+                         "stages": "kd → fitnets" if kind == "smskd" else label,
+                         "dir": str(run_dir), "same_as": None})  # fmt: skip
+            records = [
+                {"stage": 1, "global_epoch": e, "val_acc": v, "test_acc": t, "epoch_time": 1}
+                for e, (v, t) in enumerate(epochs, 1)
+            ]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (run_dir / "result.json").write_text("{}")
+            if label in FORGOT:
+                first, last = FORGOT[label][seed]
+                rows = [
+                    {"stage": 1, "label": "kd", "measures": {"loss:kd": first}},
+                    {"stage": 2, "label": "fitnets", "measures": {"loss:kd": last}},
+                ]
+                (run_dir / "forgetting.json").write_text(json.dumps({"rows": rows}))
+    tuning = {"fitnets": {"val_acc": {"1.0": 70.5, "10.0": 71.5}, "seeds": {"1.0": [0]},
+                          "chosen": 10.0, "complete": True}}  # fmt: skip
+    index = {"sweep": "validated", "runs": runs, "tuning": {"fake": tuning}}
+    (root / "index.json").write_text(json.dumps(index))
+
+
+def test_with_a_validation_split_choices_read_validation_only(tmp_path: Path) -> None:
+    fabricate_validated(tmp_path)
+    report = write_sweep_report(tmp_path, plots=False).read_text()
+    main = table_rows(report, "main")
+    header = report.split("### main\n\n", 1)[1].splitlines()[0]
+    assert "| val acc, last epoch | test acc, last epoch | test acc, best-val epoch |" in header
+    # single-fitnets has the best validation accuracy (71.5 vs 61.5): it is the best
+    # single method, though single-kd's test accuracy is higher.
+    assert "Δ test last vs single-fitnets" in header and "single-kd [95%" not in header
+    # smskd's best validation epoch is epoch 2 in both seeds: test 75 and 74.
+    assert main["smskd"][2:5] == ["64.00 ± 0.00", "77.50 ± 0.71", "74.50 ± 0.71"]
+    # single-fitnets: the best validation is epoch 2 (72) in seed 0, 3 (72) in seed 1.
+    assert main["single-fitnets"][4] == "62.00 ± 1.41"  # tests 61 and 63
+    tuning = report.split("### tuning", 1)[1].split("\n\n")[2].splitlines()
+    assert tuning[2:] == ["| fitnets | 1.0 | 70.50 | 0 |  |", "| fitnets | 10.0 | 71.50 |  | ✓ |"]
+    # What the second stage took from the first: Δ loss:kd, smskd 0.5 and 0.25, ref-none
+    # 1.0 and 1.0: paired -0.5, -0.75 → -0.625 ± 12.706·0.17678/√2.
+    forgetting = report.split("### forgetting", 1)[1]
+    half = 12.706205 * 0.1767767 / math.sqrt(2)
+    row = f"| Δ loss:kd | 0.375 ± 0.177 | 1.000 ± 0.000 | -0.625 [{-0.625 - half:+.3f}, "
+    assert row + f"{-0.625 + half:+.3f}] |" in forgetting
+    assert "optimistic" in report  # the note on reports without one stays

@@ -148,20 +148,47 @@ class ReferenceConfig(_Strict):
     """Reference loss from stage 2 on (DESIGN.md §1; open choices in PAPER.md).
 
     ``w_i = λ·(1 − TCP_i)`` (``inverse_tcp``), ``λ·TCP_i`` (``tcp``), ``λ`` (``fixed``)
-    or no reference term at all (``none``); ``TCP_i = softmax(t_i / tcp_temperature)[y_i]``.
+    or no reference term at all (``none``); ``TCP_i = softmax(t_i / tcp_temperature)[y_i]``
+    (``tcp_temperature: tau`` ties it to ``temperature``). ``weight_scale: batch_mean``
+    rescales each batch's weights to mean λ: TCP keeps the per-sample shape, and a
+    confident teacher (TCP ≈ 1) no longer switches the reference off. ``snapshot``: the
+    reference is the student at the previous stage's ``last`` epoch, or at its ``best``
+    validation epoch (needs ``data.val_split``). ``anchor``: what the reference holds
+    fixed, its logits, or its logits and its penultimate embedding (per sample, the
+    mean squared difference of the embeddings is added to the logit term).
     """
 
     weighting: Literal["inverse_tcp", "tcp", "fixed", "none"] = "inverse_tcp"
     lam: float = Field(default=1.0, ge=0, description="λ, the weight's scale")
     temperature: float = Field(default=4.0, gt=0, description="τ of the reference KL")
-    tcp_temperature: float = Field(default=1.0, gt=0)
+    tcp_temperature: float | Literal["tau"] = Field(
+        default=1.0, description="T of the TCP softmax; `tau`: the same as temperature"
+    )
+    weight_scale: Literal["raw", "batch_mean"] = Field(
+        default="raw", description="`batch_mean`: w rescaled to mean λ in every batch"
+    )
+    snapshot: Literal["last", "best"] = Field(
+        default="last", description="the previous stage's last or best-validation student"
+    )
+    anchor: Literal["logits", "logits+embedding"] = "logits"
     loss: Literal["kl", "mse_logits"] = Field(
         default="kl", description="τ²·KL(softmax(r/τ) ‖ softmax(s/τ)) or MSE of the logits"
     )
 
+    @field_validator("tcp_temperature")
+    @classmethod
+    def _positive(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and value <= 0:
+            raise ValueError("must be greater than 0, or `tau`")
+        return value
+
     @property
     def needs_teacher(self) -> bool:
         return self.weighting in ("inverse_tcp", "tcp")
+
+    @property
+    def tcp_softmax_temperature(self) -> float:
+        return self.temperature if self.tcp_temperature == "tau" else self.tcp_temperature
 
 
 def why_teacher_needed(stages: Sequence[Stage], reference: ReferenceConfig) -> str | None:
@@ -173,6 +200,20 @@ def why_teacher_needed(stages: Sequence[Stage], reference: ReferenceConfig) -> s
     if len(stages) > 1 and reference.needs_teacher:
         return f"reference.weighting {reference.weighting!r} reads the teacher's TCP"
     return None
+
+
+def check_one_schedule(stages: Sequence[Stage]) -> None:
+    """``schedule_across_stages: continue`` runs one optimizer setting and one LR
+    schedule over every stage: the stages must agree on them."""
+    first = stages[0]
+    for k, stage in enumerate(stages[1:], 1):
+        for key in ("optimizer", "schedule"):
+            if getattr(stage, key) != getattr(first, key):
+                raise ValueError(
+                    f"schedule_across_stages: 'continue' runs one {key} over all stages, but "
+                    f"stages.{k}.{key} differs from stages.0.{key}; make them equal or use "
+                    "'restart'"
+                )
 
 
 class TapLayoutConfig(_Strict):
@@ -228,8 +269,13 @@ class DataConfig(_Strict):
     ``augment``: null = the dataset's default (crop+flip for CIFAR and image folders,
     none for digits and Fashion-MNIST), false = none, or an explicit setting.
     ``options`` go to the dataset's loader (``labels: coarse`` for cifar100; ``size``,
-    ``channels``, ``in_memory`` for image-folder). ``train_subset`` trains on a fixed,
-    class-stratified subset of that many training images (the test split is whole).
+    ``channels``, ``in_memory`` for image-folder). ``val_split`` holds out a validation
+    split from the training images: a count, or a fraction of them; class-stratified and
+    fixed by ``val_seed`` alone, so every run and recipe that shares these keys holds out
+    the same images. Everything chosen (best epoch, the reference snapshot ``best``, a
+    sweep's tuned β) is chosen on it; the test split is only reported (DESIGN.md §6).
+    ``train_subset`` then trains on a fixed, class-stratified subset of that many of the
+    remaining training images (the test split is whole).
     """
 
     name: str = "digits"
@@ -238,6 +284,10 @@ class DataConfig(_Strict):
     eval_batch_size: int = Field(default=512, gt=0)
     augment: AugmentConfig | bool | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    val_split: int | float | None = Field(
+        default=None, gt=0, description="validation images held out of the training split"
+    )
+    val_seed: int = Field(default=0, ge=0, lt=2**32, description="which images val_split holds out")
     train_subset: int | None = Field(default=None, gt=0)
     download: bool = False
     num_workers: int = Field(default=2, ge=0)  # image-folder DataLoader workers
@@ -253,12 +303,30 @@ class DataConfig(_Strict):
             raise ValueError(f"unknown dataset {quote(name)}; valid: {choices(DATASETS)}")
         return name
 
+    @field_validator("val_split")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float | None) -> int | float | None:
+        if isinstance(value, float) and not value < 1:
+            raise ValueError(
+                f"{value} is neither a count (a whole number) nor a fraction below 1; "
+                "write e.g. 5000 or 0.1"
+            )
+        return value
+
     @model_validator(mode="after")
     def _known_options(self) -> DataConfig:
         from smskd.data.registry import check_options
 
         check_options(self.name, self.options)
         return self
+
+    def validation_size(self, num_train: int) -> int:
+        """How many of ``num_train`` training images ``val_split`` holds out (0: none)."""
+        if self.val_split is None:
+            return 0
+        if isinstance(self.val_split, float):
+            return max(1, round(self.val_split * num_train))
+        return self.val_split
 
     def training_augment(self) -> Augment | None:
         """What training batches get: ``augment`` resolved against the dataset's default;
@@ -386,6 +454,11 @@ class RunConfig(_Strict):
         default=False,
         description="under torchrun: BatchNorm statistics over the global batch (GPUs only)",
     )
+    schedule_across_stages: Literal["restart", "continue"] = Field(
+        default="restart",
+        description="a fresh optimizer and LR schedule per stage, or one schedule over all "
+        "stages' epochs with the student's momentum carried",
+    )
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -410,6 +483,14 @@ class RunConfig(_Strict):
             self._logit_methods_only()
         if self.performance.cache_teacher:
             self._cacheable()
+        best = self.reference.snapshot == "best" and len(self.stages) > 1
+        if best and self.data.val_split is None:
+            raise ValueError(
+                "reference.snapshot: 'best' takes the previous stage's best validation "
+                "epoch; set data.val_split (e.g. 0.1) or use snapshot: last"
+            )
+        if self.schedule_across_stages == "continue":
+            check_one_schedule(self.stages)
         return self
 
     def _cacheable(self) -> None:

@@ -32,7 +32,13 @@ from smskd.config import (
 from smskd.data.augment import Augment
 from smskd.data.download import download
 from smskd.data.image_folder import ImageFolderSource
-from smskd.data.memory import InMemoryLoader, check_batch_size, stratified_subset
+from smskd.data.memory import (
+    ArraySplit,
+    InMemoryLoader,
+    check_batch_size,
+    stratified_holdout,
+    stratified_subset,
+)
 from smskd.data.registry import DATASETS, load_dataset
 from smskd.errors import UserError
 from smskd.models.ensemble import LogitAverage
@@ -48,15 +54,22 @@ from smskd.train.stages import RunResult, check_stages, resolve_device, run_stag
 TEACHER_WEIGHTS = "teacher.pt"
 
 
+PROBE_SIZE = 2048  # validation images the forgetting measures are taken on
+
+
 @dataclass
 class Data:
-    """Batches for training and testing, and what the models must fit."""
+    """Batches for training, validation and testing, and what the models must fit.
+    ``probe``: the fixed validation images the forgetting measures are taken on, in
+    training-size batches (relation losses depend on the batch size)."""
 
     train: Iterable
     test: Iterable
     num_classes: int
     in_channels: int
     num_train: int
+    val: Iterable | None = None
+    probe: Iterable | None = None
 
 
 def prepare_data(
@@ -73,17 +86,33 @@ def prepare_data(
     augment = cfg.training_augment()
     if isinstance(source, ImageFolderSource):
         return _folder_loaders(cfg, source, augment, seed, rank, world_size)
-    train_split = source.train
+    train_split, val_split = _held_out(cfg, source.train)
     if cfg.train_subset is not None:
         if cfg.train_subset > len(train_split):
+            left = " left after data.val_split" if val_split is not None else ""
             raise UserError(
                 f"data.train_subset {cfg.train_subset} is larger than the {len(train_split)} "
-                f"training images of {cfg.name}; use at most {len(train_split)}, or drop it "
-                "to train on them all"
+                f"training images{left} of {cfg.name}; use at most {len(train_split)}, or "
+                "drop it to train on them all"
             )
         train_split = stratified_subset(train_split, cfg.train_subset, seed=0)
     check_batch_size(cfg.batch_size, len(train_split))
     shards = {"rank": rank, "world_size": world_size}
+    val = probe = None
+    if val_split is not None:
+        val = InMemoryLoader(
+            val_split, source, cfg.eval_batch_size, shuffle=False, device=device, **shards
+        )
+        probe_split = stratified_subset(val_split, PROBE_SIZE, seed=cfg.val_seed)
+        probe = InMemoryLoader(
+            probe_split,
+            source,
+            min(cfg.batch_size, len(probe_split)),
+            shuffle=False,
+            drop_last=True,
+            device=device,
+            **shards,
+        )
     train = InMemoryLoader(
         train_split,
         source,
@@ -98,7 +127,27 @@ def prepare_data(
     test = InMemoryLoader(
         source.test, source, cfg.eval_batch_size, shuffle=False, device=device, **shards
     )
-    return Data(train, test, source.num_classes, source.in_channels, len(train_split))
+    return Data(train, test, source.num_classes, source.in_channels, len(train_split), val, probe)
+
+
+def _held_out(cfg: DataConfig, train: ArraySplit) -> tuple[ArraySplit, ArraySplit | None]:
+    """The training images less ``cfg.val_split``, and the validation split itself."""
+    size = cfg.validation_size(len(train))
+    if not size:
+        return train, None
+    if size >= len(train):
+        raise UserError(
+            f"data.val_split {cfg.val_split} holds out {size} of the {len(train)} training "
+            f"images of {cfg.name}, leaving none to train on; hold out fewer (e.g. 0.1)"
+        )
+    num_classes = len(train.labels.unique())
+    if size < num_classes:
+        raise UserError(
+            f"data.val_split {cfg.val_split} holds out {size} images, fewer than the "
+            f"{num_classes} classes of {cfg.name}; hold out at least {num_classes}"
+        )
+    val, rest = stratified_holdout(train, size, seed=cfg.val_seed)
+    return rest, val
 
 
 def _folder_loaders(
@@ -109,8 +158,9 @@ def _folder_loaders(
     rank: int,
     world_size: int,
 ) -> Data:
-    if cfg.train_subset is not None:
-        raise UserError("data.train_subset works for in-memory datasets; use in_memory: true")
+    for key in ("train_subset", "val_split"):
+        if getattr(cfg, key) is not None:
+            raise UserError(f"data.{key} works for in-memory datasets; use in_memory: true")
     check_batch_size(cfg.batch_size, source.num_train)
     train_set = source.dataset("train", augment, seed)
     test_set: Dataset = source.dataset("val", None, seed)
@@ -233,6 +283,7 @@ def train_teacher(
             [cfg.teacher.training_stage()],
             data.train,
             data.test,
+            val_data=data.val,
             seed=cfg.seed,
             device=device,
             out_dir=out,
@@ -390,6 +441,9 @@ def distill(
             data.train,
             data.test,
             reference=cfg.reference,
+            val_data=data.val,
+            probe_data=data.probe,
+            schedule_across_stages=cfg.schedule_across_stages,
             seed=cfg.seed,
             device=device,
             out_dir=out,

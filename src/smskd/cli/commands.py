@@ -83,6 +83,7 @@ def _run_summary(result: Any, weights: Path) -> dict[str, Any]:
     return {
         "final_acc": result.final_accuracy,
         "best_acc": result.best_accuracy,
+        "selected_acc": result.selected_accuracy,
         "epochs": len(result.history),
         "wall_time": result.wall_time,
         "weights": str(weights),
@@ -119,9 +120,12 @@ def cmd_distill(args: argparse.Namespace) -> Output:
         export_safetensors=args.safetensors,
     )
     weights = Path(args.out) / "student.pt"
+    if result.selected_accuracy is not None:
+        chosen = f"{result.selected_accuracy:.2f}% (best validation epoch)"
+    else:
+        chosen = f"{result.best_accuracy:.2f}% (best epoch, chosen on test: optimistic)"
     return Output(
-        f"student test acc {result.final_accuracy:.2f}% (last epoch), "
-        f"{result.best_accuracy:.2f}% (best epoch); weights: {weights}",
+        f"student test acc {result.final_accuracy:.2f}% (last epoch), {chosen}; weights: {weights}",
         _run_summary(result, weights),
     )
 
@@ -139,7 +143,7 @@ def cmd_sweep(args: argparse.Namespace) -> Output:
                 "label": r.label,
                 "seed": r.seed,
                 "group": r.group,
-                "stages": r.stages,
+                "stages": r.stages + (" (β: after tuning)" if r.waits_for_tuning else ""),
                 "dir": (r.same_as and f"= {r.same_as}") or r.dir,
             }
             for r in runs

@@ -206,13 +206,23 @@ def stratified_subset(split: ArraySplit, size: int, seed: int = 0) -> ArraySplit
     so that the counts add up (largest remainders round up; ties: the lower class)."""
     if size >= len(split):
         return split
+    return stratified_holdout(split, size, seed)[0]
+
+
+def stratified_holdout(split: ArraySplit, size: int, seed: int) -> tuple[ArraySplit, ArraySplit]:
+    """``split`` cut in two: a class-stratified random part of ``size`` samples (as
+    :func:`stratified_subset` picks it) and the rest, both in the split's order."""
     labels = split.labels.numpy()
     classes, sizes = np.unique(labels, return_counts=True)
     quotas = sizes * size / len(split)
     counts = np.floor(quotas).astype(np.int64)
     counts[np.argsort(counts - quotas, kind="stable")[: size - counts.sum()]] += 1
-    index = torch.from_numpy(np.flatnonzero(_pick(labels, classes, counts, seed)))
-    return ArraySplit(split.images[index], split.labels[index])
+    mask = _pick(labels, classes, counts, seed)
+    part, rest = (torch.from_numpy(np.flatnonzero(m)) for m in (mask, ~mask))
+    return (
+        ArraySplit(split.images[part], split.labels[part]),
+        ArraySplit(split.images[rest], split.labels[rest]),
+    )
 
 
 def _pick(labels: np.ndarray, classes: np.ndarray, counts: Sequence[int], seed: int) -> np.ndarray:

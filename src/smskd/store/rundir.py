@@ -80,7 +80,9 @@ RUN = Layout(
     "run",
     files=(
         *_with_sidecars_and_temporaries(("config.yaml", "result.json", *_WEIGHTS, *_CHECKPOINTS)),
-        *_with_sidecars_and_temporaries(("metrics.jsonl", "metrics.csv", "steps.csv")),
+        *_with_sidecars_and_temporaries(
+            ("metrics.jsonl", "metrics.csv", "steps.csv", "forgetting.json")
+        ),
         "tensorboard/events.out.tfevents.*",
         *_MLFLOW,
     ),

@@ -7,6 +7,9 @@
 - ``ablations.png`` the same bars for every other comparison group, one panel each
 - ``weights.png``  the distribution of the reference weights w_i / λ in each stage,
                    one panel per recipe with a reference
+- ``forgetting.png`` the forgetting matrix (stage end × measure, mean over seeds) of
+                   SMSKD and of its no-reference ablation, side by side, each column
+                   coloured on one scale for both
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from smskd.errors import UserError
+from smskd.study.forgetting import mean_matrix
 from smskd.study.results import RecipeResult, SweepResults
 from smskd.study.stats import mean_std
 
@@ -111,7 +115,7 @@ def _final(plt: Any, results: SweepResults, base: str, path: Path) -> None:
 
 
 def _ablations(plt: Any, results: SweepResults, base: str, path: Path) -> bool:
-    groups = [g for g in results.groups(base) if g != "main"]
+    groups = [g for g in results.groups(base) if g not in ("main", "tune")]
     if not groups:
         return False
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 4.5), squeeze=False)
@@ -176,6 +180,42 @@ def _weights(plt: Any, results: SweepResults, base: str, path: Path) -> bool:
     return True
 
 
+def _forgetting(plt: Any, results: SweepResults, base: str, path: Path) -> bool:
+    smskd = [r for r in results.of(base, kind="smskd") if r.same_as is None and r.forgetting]
+    panels = [r for r in smskd if r.group == "main" or r.label == "ref-none"][:2]
+    if not panels:
+        return False
+    matrices = [mean_matrix(r) for r in panels]
+    measures = list(dict.fromkeys(m for _, names, _ in matrices for m in names))
+    # One colour scale per measure, shared by the panels: equal colours, equal values.
+    spans: dict[str, tuple[float, float]] = {}
+    for _, names, matrix in matrices:
+        for row in matrix:
+            for name, value in zip(names, row, strict=True):
+                if value is not None:
+                    low, high = spans.get(name, (value, value))
+                    spans[name] = (min(low, value), max(high, value))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(1.3 * len(measures) * len(panels) + 1, 3.2), squeeze=False
+    )
+    for ax, recipe, (rows, names, matrix) in zip(axes[0], panels, matrices, strict=True):
+        grid = [[float("nan")] * len(measures) for _ in rows]
+        for i, row in enumerate(matrix):
+            for name, value in zip(names, row, strict=True):
+                if value is not None:
+                    low, high = spans[name]
+                    j = measures.index(name)
+                    grid[i][j] = (value - low) / (high - low) if high > low else 0.5
+                    ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7)
+        ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto", alpha=0.8)
+        ax.set_xticks(range(len(measures)), measures, rotation=35, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows)), [f"end of {r}" for r in rows], fontsize=8)
+        ax.set_title(f"{recipe.label} ({len(recipe.forgetting)} seeds)", fontsize=9)
+    fig.suptitle(f"{base}: forgetting on the validation probe (colour: per measure, shared)")
+    _save(fig, path)
+    return True
+
+
 def _save(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -198,4 +238,6 @@ def sweep_plots(results: SweepResults, base: str, folder: Path) -> list[tuple[st
         made.append(("ablations", folder / "ablations.png"))
     if _weights(plt, results, base, folder / "weights.png"):
         made.append(("reference weight distribution per stage", folder / "weights.png"))
+    if _forgetting(plt, results, base, folder / "forgetting.png"):
+        made.append(("forgetting matrices", folder / "forgetting.png"))
     return made

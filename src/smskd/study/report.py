@@ -9,29 +9,37 @@ from pathlib import Path
 
 from smskd.errors import UserError
 from smskd.store.provenance import git_commit, software
+from smskd.study.forgetting import mean_matrix, stage_one_forgetting
 from smskd.study.plots import require_matplotlib, sweep_plots
 from smskd.study.results import RecipeResult, SweepResults, load_sweep_results
 from smskd.study.stats import PairedDifference, mean_std, paired_difference
+from smskd.study.sweep import TUNE_GROUP
 
 
-def _mean_std_text(values: dict[int, float]) -> str:
+def _mean_std_text(values: dict[int, float], digits: int = 2) -> str:
     if not values:
         return "–"
     mean, std = mean_std(list(values.values()))
-    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"  # no spread of one
+    # No spread of one value.
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def _diff_text(diff: PairedDifference | None) -> str:
+def _diff_text(diff: PairedDifference | None, digits: int = 2) -> str:
     if diff is None:
         return "–"
     if diff.low is None:
-        return f"{diff.mean:+.2f} (1 seed)"
-    return f"{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]"
+        return f"{diff.mean:+.{digits}f} (1 seed)"
+    return f"{diff.mean:+.{digits}f} [{diff.low:+.{digits}f}, {diff.high:+.{digits}f}]"
 
 
 def best_single(results: SweepResults, base: str) -> RecipeResult | None:
-    """The single-method baseline with the highest mean last-epoch accuracy."""
-    singles = [r for r in results.of(base, kind="single") if r.final]
+    """The single-method baseline with the highest mean last-epoch accuracy: validation
+    accuracy when the runs have a validation split (the test split never chooses),
+    else test accuracy (an older sweep; the report says so)."""
+    singles = [r for r in results.of(base, kind="single") if r.final and r.group != TUNE_GROUP]
+    if results.has_validation:
+        singles = [r for r in singles if r.val_final]
+        return max(singles, key=lambda r: _mean(r.val_final), default=None)
     return max(singles, key=lambda r: _mean(r.final), default=None)
 
 
@@ -64,9 +72,11 @@ def comparison_table(results: SweepResults, base: str, group: str) -> str:
         return paired_difference(r.final, anchor.final)
 
     diffs = {key: {r.label: versus(anchor, r) for r in shown} for key, anchor in anchors}
+    validated = results.has_validation
     columns = {
+        "val": {r.label: _mean(r.val_final) for r in shown if r.val_final},
         "last": {r.label: _mean(r.final) for r in shown},
-        "best": {r.label: _mean(r.best) for r in shown},
+        "best": {r.label: _mean(r.selected if validated else r.best) for r in shown if r.best},
         **{
             key: {label: d.mean for label, d in by_label.items() if d is not None}
             for key, by_label in diffs.items()
@@ -78,28 +88,37 @@ def comparison_table(results: SweepResults, base: str, group: str) -> str:
         value = columns[name].get(label)
         return f"**{text}**" if value is not None and value == winners[name] else text
 
-    headers = [f"Δ last vs {anchor.label} [95% CI]" for _, anchor in anchors]
+    headers = [f"Δ test last vs {anchor.label} [95% CI]" for _, anchor in anchors]
+    accuracy = ["test acc, last epoch"]
+    accuracy = (
+        ["val acc, last epoch", *accuracy, "test acc, best-val epoch"]
+        if validated
+        else [*accuracy, "test acc, best epoch (chosen on test)"]
+    )
     lines = [
-        "| recipe | stages | seeds | test acc, last epoch | test acc, best epoch | "
-        + " | ".join(headers)
-        + " | time per run |",
-        "|---|---|---:|---:|---:|" + "---:|" * len(anchors) + "---:|",
+        "| recipe | stages | seeds | " + " | ".join([*accuracy, *headers]) + " | time per run |",
+        "|---|---|---:|" + "---:|" * (len(accuracy) + len(anchors)) + "---:|",
     ]
-    dashes = " | ".join("–" for _ in anchors)
+    dashes = " | ".join("–" for _ in [*anchors, *accuracy[2:]])
     for teacher in results.teachers():
         lines.append(
-            f"| teacher {teacher['model']} | labels only | 1 | {teacher['final_acc']:.2f} "
-            f"| – | {dashes} | – |"
+            f"| teacher {teacher['model']} | labels only | 1 | "
+            + ("– | " if validated else "")
+            + f"{teacher['final_acc']:.2f} | {dashes} | – |"
         )
     for r in shown:
         seconds = _mean(r.wall_time) if r.wall_time else 0.0
         name = r.label + (f" (= {r.same_as})" if r.same_as else "")
+        scores = [
+            *([cell("val", r.label, _mean_std_text(r.val_final))] if validated else []),
+            cell("last", r.label, _mean_std_text(r.final)),
+            cell("best", r.label, _mean_std_text(r.selected if validated else r.best)),
+        ]
         cells = [
             name,
             r.stages,
             str(r.seeds),
-            cell("last", r.label, _mean_std_text(r.final)),
-            cell("best", r.label, _mean_std_text(r.best)),
+            *scores,
             *(cell(key, r.label, _diff_text(diffs[key][r.label])) for key, _ in anchors),
             f"{seconds:.0f}s",
         ]
@@ -130,7 +149,7 @@ def findings(results: SweepResults, base: str) -> list[str]:
             f"{_diff_text(diff)} over {diff.pairs} paired seeds — {verdict}."
         )
     for group in results.groups(base):
-        if group == "main":
+        if group in ("main", TUNE_GROUP):
             continue
         ranked = sorted(
             (r for r in results.of(base, group) if r.final),
@@ -176,8 +195,11 @@ def write_sweep_report(runs_dir: str | Path, *, plots: bool = True) -> Path:
         for sentence in findings(results, base):
             body.append(f"- {sentence}")
         body.append("")
+        body += tuning_section(results, base)
         for group in results.groups(base):
-            body += [f"### {group}", "", comparison_table(results, base, group), ""]
+            if group != TUNE_GROUP:
+                body += [f"### {group}", "", comparison_table(results, base, group), ""]
+        body += forgetting_section(results, base)
         for title, path in made.get(base, []):
             body += [f"![{title}]({path.relative_to(root).as_posix()})", ""]
     body += _provenance(results, root)
@@ -186,15 +208,94 @@ def write_sweep_report(runs_dir: str | Path, *, plots: bool = True) -> Path:
     return report
 
 
+def tuning_section(results: SweepResults, base: str) -> list[str]:
+    """The β grid of each tuned method, its validation accuracy, and the choice."""
+    tuning = results.tuning(base)
+    if not tuning:
+        return []
+    lines = [
+        "### tuning: β chosen on validation",
+        "",
+        "Each method alone at each β; the β with the highest mean last-epoch validation "
+        "accuracy (over the tuning seeds) weighs that method in every other run.",
+        "",
+        "| method | β | val acc, last epoch | seeds | chosen |",
+        "|---|---:|---:|---|:---:|",
+    ]
+    for method, entry in tuning.items():
+        for beta, score in entry["val_acc"].items():
+            seeds = ", ".join(str(s) for s in entry["seeds"].get(beta, []))
+            mark = "✓" if entry["chosen"] is not None and float(beta) == entry["chosen"] else ""
+            lines.append(f"| {method} | {beta} | {score:.2f} | {seeds} | {mark} |")
+    return [*lines, ""]
+
+
+def forgetting_section(results: SweepResults, base: str) -> list[str]:
+    """Each multi-stage recipe's mean forgetting matrix, and what its later stages took
+    from stage 1, with SMSKD against no reference, paired by seed."""
+    recipes = [
+        r
+        for r in results.recipes
+        if r.base == base and r.same_as is None and any(len(v) > 1 for v in r.forgetting.values())
+    ]
+    if not recipes:
+        return []
+    lines = [
+        "### forgetting",
+        "",
+        "Measured at every stage end on a fixed probe set of validation images: each "
+        "method's own loss against the teacher (lower: closer; a method with trained "
+        "helpers from its own stage on), agreement with the teacher's argmax (%), probe "
+        "accuracy (%), and KL from each earlier stage end's student. Means over seeds.",
+        "",
+    ]
+    for recipe in recipes:
+        rows, measures, matrix = mean_matrix(recipe)
+        lines += [
+            f"**{recipe.label}** ({recipe.stages}, {len(recipe.forgetting)} seeds)",
+            "",
+            "| stage end | " + " | ".join(measures) + " |",
+            "|---|" + "---:|" * len(measures),
+        ]
+        for label, values in zip(rows, matrix, strict=True):
+            cells = ["–" if v is None else f"{v:.3f}" for v in values]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    smskd = _anchor(results, base, "smskd")
+    off = next((r for r in recipes if r.label == "ref-none"), None)
+    if smskd is not None and off is not None:
+        mine, theirs = stage_one_forgetting(smskd), stage_one_forgetting(off)
+        lines += [
+            f"What the later stages took from stage 1, {smskd.label} minus ref-none "
+            "(paired by seed; for a loss, negative: the reference kept more of stage 1):",
+            "",
+            f"| measure | {smskd.label} | ref-none | Δ [95% CI] |",
+            "|---|---:|---:|---:|",
+        ]
+        for key in mine:
+            if key in theirs:
+                diff = paired_difference(mine[key], theirs[key])
+                lines.append(
+                    f"| {key} | {_mean_std_text(mine[key], 3)} | "
+                    f"{_mean_std_text(theirs[key], 3)} | {_diff_text(diff, 3)} |"
+                )
+        lines.append("")
+    return lines
+
+
 REPORT_NOTES = (
-    "Accuracy: top-1 on the whole test split, in percent, mean ± sample std over seeds. "
-    "*Last epoch* is the headline: the student as training left it. *Best epoch* is the "
-    "best of all epochs on the test split itself, so it is optimistic; it is shown because "
-    "papers often report it without saying so.",
-    "Δ: the recipe's last-epoch accuracy minus joint's (or the best single method's, or "
-    "in an ablation table the default SMSKD run's), paired by seed, with a Student-t 95% "
-    "confidence interval; an interval that contains 0 means no difference is detectable "
-    "at this number of seeds. "
+    "Accuracy: top-1 in percent, mean ± sample std over seeds. *Last epoch* is the "
+    "headline: the student as training left it, on the whole test split. With a "
+    "validation split (held out of the training images, the same for every recipe), "
+    "everything chosen is chosen on it: *best-val epoch* is the test accuracy at the "
+    "epoch with the highest validation accuracy, the best single method is the one with "
+    "the highest validation accuracy, and tuned β are chosen on validation. Without one "
+    "(older sweeps), *best epoch* is the best of all epochs on the test split itself, so "
+    "it is optimistic; it is shown because papers often report it without saying so.",
+    "Δ: the recipe's last-epoch test accuracy minus joint's (or the best single method's, "
+    "or in an ablation table the default SMSKD run's), paired by seed, with a Student-t "
+    "95% confidence interval; an interval that contains 0 means no difference is "
+    "detectable at this number of seeds. "
     "Bold: the best value of each column (the teacher row aside).",
     "A row marked (= other) is the same config as that recipe (e.g. 3 stages = SMSKD): "
     "its runs were made once and count for both.",

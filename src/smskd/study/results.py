@@ -11,6 +11,8 @@ from typing import Any
 
 from smskd.errors import UserError
 from smskd.store.tracking import MetricsLog
+from smskd.train.selection import best_epoch
+from smskd.train.stages import FORGETTING
 
 
 @dataclass
@@ -23,7 +25,10 @@ class RecipeResult:
     base: str
     stages: str
     final: dict[int, float] = field(default_factory=dict)  # seed → last-epoch test acc
-    best: dict[int, float] = field(default_factory=dict)  # seed → best-epoch test acc
+    best: dict[int, float] = field(default_factory=dict)  # seed → best-epoch test acc (on test)
+    val_final: dict[int, float] = field(default_factory=dict)  # seed → last-epoch val acc
+    selected: dict[int, float] = field(default_factory=dict)  # seed → test acc, best-val epoch
+    forgetting: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # seed → rows
     wall_time: dict[int, float] = field(default_factory=dict)  # seed → train+eval seconds
     curves: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # seed → records
     same_as: str | None = None  # label of the recipe whose runs these are
@@ -54,6 +59,13 @@ class SweepResults:
             and (group is None or r.group == group)
             and (kind is None or r.kind == kind)
         ]
+
+    @property
+    def has_validation(self) -> bool:
+        return any(r.val_final for r in self.recipes)
+
+    def tuning(self, base: str) -> dict[str, dict[str, Any]]:
+        return self.index.get("tuning", {}).get(base, {})
 
     def teachers(self) -> list[dict[str, Any]]:
         return [t for t in self.index.get("teachers", []) if t.get("final_acc") is not None]
@@ -95,7 +107,24 @@ def load_sweep_results(runs_dir: str | Path) -> SweepResults:
         recipe.best[seed] = max(r["test_acc"] for r in records)
         recipe.wall_time[seed] = sum(r["epoch_time"] for r in records)
         recipe.curves[seed] = records
+        if records[-1].get("val_acc") is not None:
+            recipe.val_final[seed] = records[-1]["val_acc"]
+            recipe.selected[seed] = best_epoch(records)["test_acc"]  # type: ignore[index]
+        rows = _forgetting_rows(run_dir / FORGETTING)
+        if rows:
+            recipe.forgetting[seed] = rows
     return SweepResults(index, list(recipes.values()))
+
+
+def _forgetting_rows(path: Path) -> list[dict[str, Any]]:
+    """A run's forgetting matrix rows (JSON: data, whoever wrote it), or none."""
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text()).get("rows", [])
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError(f"{path}: not a forgetting matrix written by smskd") from None
+    return rows if isinstance(rows, list) else []
 
 
 def _located(root: Path, run_dir: str) -> Path:

@@ -19,6 +19,15 @@ resolved config equals an earlier one's is not run twice: its line points at tha
 run (``same_as``). Teachers are trained once per distinct teacher config, into
 ``OUT/teachers/``, and shared by every run. Re-running the command skips finished
 runs (``result.json``) and resumes a half-done one from its last checkpoint.
+
+A ``tune:`` section chooses method weights β on the validation split before anything
+else runs: each listed method alone (the ``single`` recipe) at each β of its grid, on
+the tuning seeds; the β with the highest mean last-epoch validation accuracy then
+weighs that method in every other run of the sweep (single, joint, SMSKD alike)::
+
+    tune:
+      seeds: [0]
+      weights: {fitnets: [1, 10, 100], rkd: [0.1, 1, 10]}
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ class RecipeEntry(_Strict):
     group: str | None = None  # the report's comparison table (default: main)
     set: list[str] = Field(default_factory=list)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: list[int] | None = Field(default=None, min_length=1)  # default: the sweep's
     method: str | None = None  # single / multi-teacher: this method only
     # multi-teacher: the other teachers; what they leave out is the base teacher's
     teachers: list[TeacherConfig] = Field(default_factory=list)
@@ -91,6 +101,25 @@ class RecipeEntry(_Strict):
         return grid
 
 
+class TuneConfig(_Strict):
+    """β grids chosen on validation before the sweep's other runs (see the module doc)."""
+
+    seeds: list[int] | None = Field(default=None, min_length=1)  # default: the first seed
+    weights: dict[str, list[float]] = Field(min_length=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _grids(cls, weights: dict[str, list[float]]) -> dict[str, list[float]]:
+        from smskd.methods.registry import METHODS
+
+        for name, grid in weights.items():
+            if name not in METHODS:
+                raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+            if not grid or any(beta < 0 for beta in grid):
+                raise ValueError(f"{name}: give one or more weights β ≥ 0")
+        return weights
+
+
 class SweepConfig(_Strict):
     name: str
     base: str | list[str]
@@ -99,6 +128,13 @@ class SweepConfig(_Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     recipes: list[RecipeEntry] = Field(min_length=1)
     teacher_seed: int = Field(default=0, ge=0)  # the shared teachers' training seed
+    tune: TuneConfig | None = None
+
+    @property
+    def tune_seeds(self) -> list[int]:
+        if self.tune is None:
+            return []
+        return self.tune.seeds or self.seeds[:1]
 
     @field_validator("recipes", mode="before")
     @classmethod
@@ -106,6 +142,19 @@ class SweepConfig(_Strict):
         if not isinstance(entries, list):
             return entries
         return [RecipeEntry._shorthand(e) for e in entries]
+
+    @field_validator("recipes")
+    @classmethod
+    def _seeds_of_the_sweep(cls, recipes: list[RecipeEntry], info: Any) -> list[RecipeEntry]:
+        seeds = info.data.get("seeds") or []
+        for entry in recipes:
+            extra = sorted(set(entry.seeds or []) - set(seeds))
+            if extra:
+                raise ValueError(
+                    f"recipe {entry.name or entry.kind!r}: seeds {extra} are not among the "
+                    f"sweep's seeds {seeds}; a recipe runs on a subset of them"
+                )
+        return recipes
 
     @property
     def bases(self) -> list[str]:
@@ -125,9 +174,12 @@ class PlannedRun:
     dir: str
     config_sha: str
     same_as: str | None = None  # dir of an earlier run with the same config
+    waits_for_tuning: bool = False  # its β are the base's until the tune runs finish
     status: str = "pending"
     final_acc: float | None = None
     best_acc: float | None = None
+    selected_acc: float | None = None  # test acc at the best validation epoch
+    val_acc: float | None = None  # last-epoch validation accuracy
     wall_time: float | None = None
     error: str | None = None
     config: RunConfig | None = field(default=None, repr=False)
@@ -206,21 +258,34 @@ def plan(sweep: SweepConfig, sweep_path: str | Path, out: str | Path) -> list[Pl
             "their runs would share directories: rename one of the files"
         )
     root = out if len(bases) == 1 else None
-    runs = [
+
+    def base_out(base_name: str) -> Path:
+        return root or out / _dir_name(base_name, f"{sweep_path}: base config")
+
+    tune_runs = [
+        run
+        for seed in sweep.tune_seeds
+        for base_name, base_raw in bases
+        for run in _tune_runs(sweep, sweep_path, base_out(base_name), base_name, base_raw, seed)
+    ]
+    tuned = tuned_weights(tune_runs)
+    runs = tune_runs + [
         run
         for seed in sweep.seeds
         for base_name, base_raw in bases
         for entry in sweep.recipes
+        if entry.seeds is None or seed in entry.seeds
         for point in _grid_points({**sweep.grid, **entry.grid})
         for run in _entry_runs(
             sweep,
             sweep_path,
-            root or out / _dir_name(base_name, f"{sweep_path}: base config"),
+            base_out(base_name),
             base_name,
             base_raw,
             entry,
             point,
             seed,
+            tuned,
         )
     ]
     repeated = [key for key, n in Counter((r.base, r.label, r.seed) for r in runs).items() if n > 1]
@@ -253,15 +318,33 @@ def _entry_runs(
     entry: RecipeEntry,
     point: dict[str, Any],
     seed: int,
+    tuned: dict[str, dict[str, float]] | None = None,
 ) -> list[PlannedRun]:
-    """The runs of one recipe entry at one grid point and seed, on one base."""
+    """The runs of one recipe entry at one grid point and seed, on one base, with the
+    β that tuning chose (``tuned``: base → method → β; None while tuning is unfinished)."""
     overrides = [*sweep.set, *entry.set, *(_override_text(k, v) for k, v in point.items())]
     where = f"{sweep_path}: recipe {entry.name or entry.kind!r} on {base_name}"
     try:
         cfg = load_config(copy.deepcopy(base_raw), [*overrides, f"seed={seed}"])
+        if tuned is not None:
+            cfg = with_weights(cfg, tuned[base_name])
         expanded = expand(cfg, entry.kind, method=entry.method, teachers=_others(cfg, entry))
     except (UserError, ValueError) as err:
         raise UserError(f"{where}: {err}") from None
+    waits = set(sweep.tune.weights) if sweep.tune is not None and tuned is None else set()
+    return _planned(expanded, entry, point, seed, base_name, out, where, waits)
+
+
+def _planned(
+    expanded: list[tuple[str, RunConfig]],
+    entry: RecipeEntry,
+    point: dict[str, Any],
+    seed: int,
+    base_name: str,
+    out: Path,
+    where: str,
+    waits: set[str] = frozenset(),  # type: ignore[assignment]
+) -> list[PlannedRun]:
     runs = []
     for label, run_cfg in expanded:
         if entry.name:
@@ -281,10 +364,113 @@ def _entry_runs(
                 stages=" → ".join(s.label for s in run_cfg.stages),
                 dir=str(out / _dir_name(label, where) / f"seed-{seed}"),
                 config_sha=hashlib.sha256(text.encode()).hexdigest()[:12],
+                waits_for_tuning=any(
+                    spec.name in waits for stage in run_cfg.stages for spec in stage.methods
+                ),
                 config=run_cfg,
             )
         )
     return runs
+
+
+TUNE_GROUP = "tune"
+
+
+def _tune_runs(
+    sweep: SweepConfig,
+    sweep_path: Path,
+    out: Path,
+    base_name: str,
+    base_raw: dict[str, Any],
+    seed: int,
+) -> list[PlannedRun]:
+    """One single-method run per (method, β) of ``sweep.tune`` on one base and seed."""
+    assert sweep.tune is not None
+    where = f"{sweep_path}: tune on {base_name}"
+    try:
+        cfg = load_config(copy.deepcopy(base_raw), [*sweep.set, f"seed={seed}"])
+    except (UserError, ValueError) as err:
+        raise UserError(f"{where}: {err}") from None
+    if cfg.data.val_split is None:
+        raise UserError(
+            f"{where}: tune chooses β on the validation split, and the base config has "
+            "none; set data.val_split (e.g. 0.1) in it or in the sweep's set:"
+        )
+    runs = []
+    entry = RecipeEntry(kind="single", group=TUNE_GROUP)
+    for method, grid in sweep.tune.weights.items():
+        for beta in grid:
+            try:
+                weighted = with_weights(cfg, {method: beta})
+                expanded = expand(weighted, "single", method=method)
+            except ValueError as err:
+                raise UserError(f"{where}: {err}") from None
+            labelled = [(f"tune-{method}", c) for _, c in expanded]
+            runs += _planned(labelled, entry, {"β": beta}, seed, base_name, out, where)
+    return runs
+
+
+def with_weights(cfg: RunConfig, weights: dict[str, float]) -> RunConfig:
+    """``cfg`` with method ``m`` weighted by ``weights[m]`` in every stage that uses it."""
+    stages = [
+        stage.model_copy(
+            update={
+                "methods": [
+                    spec.model_copy(update={"weight": weights[spec.name]})
+                    if spec.name in weights
+                    else spec
+                    for spec in stage.methods
+                ]
+            }
+        )
+        for stage in cfg.stages
+    ]
+    return cfg.model_copy(update={"stages": stages})
+
+
+def tuning_table(runs: Sequence[PlannedRun]) -> dict[str, dict[str, dict[str, Any]]]:
+    """base → method → {β: mean last-epoch validation accuracy over the tuning seeds
+    that finished}, with the chosen β once every tuning run has finished. Only
+    validation numbers are read: the test split never chooses."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        if run.group != TUNE_GROUP:
+            continue
+        method = run.label.removeprefix("tune-").partition("(")[0]
+        entry = table.setdefault(run.base, {}).setdefault(
+            method, {"val_acc": {}, "seeds": {}, "chosen": None, "complete": True}
+        )
+        beta = run.label.rpartition("β=")[2].rstrip(")")
+        score = _last_val_acc(Path(run.same_as or run.dir))
+        entry["val_acc"].setdefault(beta, [])
+        entry["seeds"].setdefault(beta, [])
+        if score is None:
+            entry["complete"] = False
+        else:
+            entry["val_acc"][beta].append(score)
+            entry["seeds"][beta].append(run.seed)
+    for methods in table.values():
+        for entry in methods.values():
+            means = {b: sum(v) / len(v) for b, v in entry["val_acc"].items() if v}
+            entry["val_acc"] = means
+            if entry["complete"] and means:
+                entry["chosen"] = float(max(means, key=lambda b: means[b]))  # grid order on ties
+    return table
+
+
+def tuned_weights(runs: Sequence[PlannedRun]) -> dict[str, dict[str, float]] | None:
+    """base → method → chosen β, or None while a tuning run is unfinished (or none exist)."""
+    table = tuning_table(runs)
+    if not table or any(e["chosen"] is None for m in table.values() for e in m.values()):
+        return None
+    return {base: {m: e["chosen"] for m, e in methods.items()} for base, methods in table.items()}
+
+
+def _last_val_acc(run_dir: Path) -> float | None:
+    if not (run_dir / RESULT).is_file():
+        return None
+    records = MetricsLog(run_dir / "metrics.jsonl").records
+    return records[-1].get("val_acc") if records else None
 
 
 def _others(cfg: RunConfig, entry: RecipeEntry) -> list[TeacherConfig]:
@@ -342,7 +528,7 @@ class Sweep:
         log: Callable[[str], None] = print,
     ) -> None:
         self.sweep, self.sweep_path, self.out = sweep, sweep_path, out
-        self.progress, self.log = progress, log
+        self.progress, self.log, self.only = progress, log, only
         # The index lists the whole plan; `only` narrows what this call trains.
         self.runs = plan(sweep, sweep_path, out)
         self.selected = select(self.runs, only)
@@ -351,11 +537,12 @@ class Sweep:
         self.commit = git_commit(Path(__file__).parent)  # once: the code that ran
         # Every commit that made a run of this sweep: earlier invocations' too.
         self.commits: list[str] = []
+        self.sizes: dict[str, str] = {}
         previous = out / INDEX
         if previous.is_file():
             old = json.loads(previous.read_text())
             self.commits = old.get("commits") or ([old["commit"]] if "commit" in old else [])
-        self.sizes: dict[str, str] = {}
+            self.sizes = dict(old.get("sizes") or {})
 
     def _shared_teacher(
         self, cfg: RunConfig, _j: int, teacher: TeacherConfig
@@ -411,30 +598,59 @@ class Sweep:
             "sizes": self.sizes,
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started)),
             "teachers": list(self.teachers.values()),
+            "tuning": tuning_table(self.runs),
             "runs": [run.record() for run in self.runs],
         }
         atomic_write_text(self.out / INDEX, json.dumps(index, indent=1) + "\n")
 
     def execute(self) -> list[PlannedRun]:
-        from smskd.experiment import distill
-
         rundir.claim(self.out, rundir.SWEEP)
         atomic_write_text(self.out / "sweep.yaml", self.sweep_path.read_text(encoding="utf-8"))
-        distinct = [r for r in self.runs if r.same_as is None]
+        waiting = [r for r in self.runs if r.waits_for_tuning and r.dir in self.selected]
+        if waiting:  # tuning first: the other runs' β depend on it
+            tuning = [r for r in self.runs if r.group == TUNE_GROUP]
+            self._train([r for r in tuning if r.same_as is None], everything=True)
+            self.runs = plan(self.sweep, self.sweep_path, self.out)
+            self.selected = select(self.runs, self.only)
+        failed = self._train([r for r in self.runs if r.same_as is None])
+        by_dir = {r.dir: r for r in self.runs if r.same_as is None}
+        for run in self.runs:
+            if run.same_as is not None:
+                first = by_dir[run.same_as]
+                for key in ("status", "final_acc", "best_acc", "selected_acc", "val_acc"):
+                    setattr(run, key, getattr(first, key))
+                run.wall_time, run.error = first.wall_time, first.error
+        self._write_index()
+        if failed:
+            raise UserError(
+                f"{len(failed)} runs failed (first: {failed[0].label} seed "
+                f"{failed[0].seed}: {failed[0].error}); see {self.out / INDEX}"
+            )
+        return self.runs
+
+    def _train(self, distinct: list[PlannedRun], everything: bool = False) -> list[PlannedRun]:
+        """Train the runs of ``distinct`` that ``--only`` selected (all of them with
+        ``everything``) and are not finished; return those that failed."""
+        from smskd.experiment import distill
+
         for run in distinct:
             if (Path(run.dir) / RESULT).exists():
                 _check_same_config(run)
                 run.__dict__.update(json.loads((Path(run.dir) / RESULT).read_text()))
                 run.status = "done"
-        todo = [r for r in distinct if r.dir in self.selected and r.status != "done"]
+        todo = [
+            r for r in distinct if (everything or r.dir in self.selected) and r.status != "done"
+        ]
+        what = "tuning runs" if everything else "runs"
         self.log(
             f"sweep {self.sweep.name}: {len(self.runs)} runs, {len(distinct)} distinct configs, "
-            f"{len(todo)} to train, into {self.out}"
+            f"{len(todo)} {what} to train, into {self.out}"
         )
         # Teachers first, each once: every run after this only loads them.
         configs = {r.dir: self._with_teachers(r.config) for r in todo if r.config is not None}
         for base in dict.fromkeys(r.base for r in todo):
             self.sizes[base] = describe_sizes([configs[r.dir] for r in todo if r.base == base])
+        self._write_index()
         spent: list[float] = []  # seconds per run trained by this call, for the ETA
         for position, run in enumerate(todo, 1):
             tag = f"[{position}/{len(todo)}] {run.label} seed {run.seed}"
@@ -459,6 +675,8 @@ class Sweep:
             outcome = {
                 "final_acc": result.final_accuracy,
                 "best_acc": result.best_accuracy,
+                "selected_acc": result.selected_accuracy,
+                "val_acc": result.history[-1].get("val_acc"),
                 "wall_time": time.perf_counter() - started,
             }
             atomic_write_text(Path(run.dir) / RESULT, json.dumps(outcome) + "\n")
@@ -467,29 +685,13 @@ class Sweep:
             spent.append(outcome["wall_time"])
             left = len(todo) - position
             eta = f", about {_duration(sum(spent) / len(spent) * left)} left" if left else ""
+            val = f"{run.val_acc:.2f}% val, " if run.val_acc is not None else ""
             self.log(
-                f"{tag}: {run.final_acc:.2f}% last epoch, {run.best_acc:.2f}% best, "
+                f"{tag}: {val}{run.final_acc:.2f}% test (last epoch), "
                 f"{outcome['wall_time']:.0f}s; {left} to go{eta}"
             )
             self._write_index()
-        by_dir = {r.dir: r for r in distinct}
-        for run in self.runs:
-            if run.same_as is not None:
-                first = by_dir[run.same_as]
-                run.status, run.final_acc, run.best_acc = (
-                    first.status,
-                    first.final_acc,
-                    first.best_acc,
-                )
-                run.wall_time, run.error = first.wall_time, first.error
-        self._write_index()
-        failed = [r for r in todo if r.status == "failed"]
-        if failed:
-            raise UserError(
-                f"{len(failed)} of {len(todo)} runs failed (first: {failed[0].label} seed "
-                f"{failed[0].seed}: {failed[0].error}); see {self.out / INDEX}"
-            )
-        return self.runs
+        return [r for r in todo if r.status == "failed"]
 
 
 def _check_same_config(run: PlannedRun) -> None:
@@ -526,6 +728,7 @@ def describe_sizes(configs: list[RunConfig]) -> str:
     cfg = max(configs, key=lambda c: len(c.stages))  # the SMSKD run: its stage split
     data = prepare_data(cfg.data, cfg.seed, torch.device("cpu"))
     test = len(data.test.labels) if hasattr(data.test, "labels") else "all"
+    val = f"{len(data.val.labels)} validation images, " if data.val is not None else ""
     student = make_model(cfg.student.model, data)
     models = [f"student {cfg.student.model.label} ({parameter_count(student):,} parameters)"]
     teachers = {t.model.label: t.model for c in configs for t in c.all_teachers}
@@ -534,7 +737,7 @@ def describe_sizes(configs: list[RunConfig]) -> str:
         for name, spec in teachers.items()
     ]
     return (
-        f"{cfg.data.name}, {data.num_train} training images, {test} test images, batch "
+        f"{cfg.data.name}, {data.num_train} training images, {val}{test} test images, batch "
         f"{cfg.data.batch_size}; {', '.join(models)}; {cfg.total_epochs} student epochs "
         f"per recipe ({' + '.join(str(s.epochs) for s in cfg.stages)} in SMSKD)"
     )

@@ -33,6 +33,7 @@ class StageObjective:
     ce_weight: float
     methods: list[tuple[DistillMethod, float]]
     reference: ReferenceConfig
+    embedding_tap: str | None = None  # anchored by the reference too (anchor: logits+embedding)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class StageModels:
     reference: nn.Module | None = None
     student_taps: FeatureTaps | None = None
     teacher_taps: FeatureTaps | None = None
+    reference_taps: FeatureTaps | None = None
     trainable: list[nn.Module] = field(default_factory=list)
     acceleration: Acceleration = field(default_factory=Acceleration)
     teacher_cache: CachedOutputs | None = None
@@ -61,7 +63,8 @@ class StageModels:
 
     def cache_frozen_outputs(self, loader: object, max_bytes: float) -> list[CachedOutputs]:
         """Fill the teacher's cache (outputs at the stage's taps) and the reference's
-        (logits), within ``max_bytes`` together; return the caches filled."""
+        (logits, and its anchored embedding), within ``max_bytes`` together; return the
+        caches filled."""
         budget = max_bytes
         if self.teacher is not None:
             self.teacher_cache = cache_outputs(
@@ -70,7 +73,12 @@ class StageModels:
             budget -= self.teacher_cache.nbytes
         if self.reference is not None:
             self.reference_cache = cache_outputs(
-                self.reference, None, loader, self.acceleration, max_bytes=budget, what="reference"
+                self.reference,
+                self.reference_taps,
+                loader,
+                self.acceleration,
+                max_bytes=budget,
+                what="reference",
             )
         return [c for c in (self.teacher_cache, self.reference_cache) if c is not None]
 
@@ -159,11 +167,20 @@ def step_loss(
         total = total + weight * value
     if models.reference is not None:
         with acceleration.autocast():
-            reference_logits, _ = frozen_outputs(
-                models.reference, None, models.reference_cache, x, index
+            reference_logits, reference_features = frozen_outputs(
+                models.reference, models.reference_taps, models.reference_cache, x, index
             )
+        embeddings = None
+        if objective.embedding_tap is not None:
+            tap = objective.embedding_tap
+            embeddings = (out.student_features[tap], as_float(reference_features[tap]))
         terms["reference"], weights = reference_term(
-            objective.reference, out.student_logits, reference_logits, out.teacher_logits, y
+            objective.reference,
+            out.student_logits,
+            reference_logits,  # type: ignore[arg-type]
+            out.teacher_logits,
+            y,
+            embeddings,
         )
         total = total + terms["reference"]
         terms["ref_weight_mean"] = weights.mean()

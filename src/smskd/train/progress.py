@@ -79,10 +79,11 @@ class Reporting:
     def end_stage(self, stage: int, stages: int, label: str, seconds: float) -> None:
         records = [r for r in self.metrics.records if r["stage"] == stage]
         if records:
+            last = records[-1]
+            val = f"val acc {last['val_acc']:.2f}%, " if "val_acc" in last else ""
             self.log(
-                f"{self.name}: stage {stage}/{stages} {label}: "
-                f"test acc {records[-1]['test_acc']:.2f}% "
-                f"(best {max(r['test_acc'] for r in records):.2f}%), {seconds:.1f}s"
+                f"{self.name}: stage {stage}/{stages} {label}: {val}"
+                f"test acc {last['test_acc']:.2f}%, {seconds:.1f}s"
             )
 
     def close(self, status: str) -> None:

@@ -5,7 +5,9 @@ predictions anchor the current student, sample by sample:
 
     TCP_i    = softmax(t_i / T_tcp)[y_i]                    (teacher's true-class probability)
     w_i      = λ·(1 − TCP_i) | λ·TCP_i | λ | 0              (inverse_tcp | tcp | fixed | none)
+               (weight_scale batch_mean: w_i · λ / mean_batch(w), so the batch mean is λ)
     L_ref,i  = τ² · KL(softmax(r_i/τ) ‖ softmax(s_i/τ))     (or mean squared logit difference)
+               (anchor logits+embedding: + mean_d (e^s_id − e^r_id)², penultimate embeddings)
     L_ref    = mean_i(w_i · L_ref,i)
 
 The paper fixes the TCP-based per-sample weighting but not its direction or the
@@ -34,6 +36,12 @@ def make_reference(student: nn.Module, state: dict[str, Tensor] | None = None) -
     reference.eval()
     reference.requires_grad_(False)
     return inference_form(reference)
+
+
+def tap_target(reference: nn.Module) -> nn.Module:
+    """The module whose submodules carry the student's names: where the reference's
+    features are tapped (:func:`inference_form` may wrap the network)."""
+    return reference.network if isinstance(reference, _ChannelsLast) else reference
 
 
 def inference_form(model: nn.Module) -> nn.Module:
@@ -74,16 +82,25 @@ def true_class_probability(
     return probs.gather(1, labels.view(-1, 1)).squeeze(1)
 
 
-def reference_weights(weighting: str, lam: float, tcp: Tensor) -> Tensor:
+def reference_weights(weighting: str, lam: float, tcp: Tensor, scale: str = "raw") -> Tensor:
+    """Per-sample weights; ``scale="batch_mean"`` rescales them to mean λ (equal weights
+    λ when every raw weight is 0: the shape says nothing then, and the scale is kept)."""
     if weighting == "inverse_tcp":
-        return lam * (1.0 - tcp)
-    if weighting == "tcp":
-        return lam * tcp
-    if weighting == "fixed":
-        return torch.full_like(tcp, lam)
-    if weighting == "none":
+        weights = lam * (1.0 - tcp)
+    elif weighting == "tcp":
+        weights = lam * tcp
+    elif weighting == "fixed":
+        weights = torch.full_like(tcp, lam)
+    elif weighting == "none":
         return torch.zeros_like(tcp)
-    raise ValueError(f"unknown weighting {weighting!r}")
+    else:
+        raise ValueError(f"unknown weighting {weighting!r}")
+    if scale == "batch_mean":
+        mean = weights.mean()
+        weights = torch.where(
+            mean > 0, weights * (lam / mean.clamp_min(1e-30)), torch.full_like(weights, lam)
+        )
+    return weights
 
 
 def per_sample_reference_loss(
@@ -102,18 +119,26 @@ def reference_term(
     reference_logits: Tensor,
     teacher_logits: Tensor | None,
     labels: Tensor,
+    embeddings: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``mean_i(w_i · L_ref,i)`` and the weights ``w`` (for logging their distribution)."""
+    """``mean_i(w_i · L_ref,i)`` and the weights ``w`` (for logging their distribution).
+    ``embeddings``: the student's and the reference's penultimate embeddings, anchored
+    too when ``cfg.anchor`` says so."""
     if cfg.needs_teacher:
         if teacher_logits is None:
             raise ValueError(f"reference weighting {cfg.weighting!r} needs teacher logits")
-        tcp = true_class_probability(teacher_logits, labels, cfg.tcp_temperature)
+        tcp = true_class_probability(teacher_logits, labels, cfg.tcp_softmax_temperature)
     else:
         tcp = torch.ones(len(labels), device=labels.device)
-    weights = reference_weights(cfg.weighting, cfg.lam, tcp)
+    weights = reference_weights(cfg.weighting, cfg.lam, tcp, cfg.weight_scale)
     per_sample = per_sample_reference_loss(
         student_logits, reference_logits, cfg.loss, cfg.temperature
     )
+    if cfg.anchor == "logits+embedding":
+        if embeddings is None:
+            raise ValueError("reference anchor 'logits+embedding' needs both embeddings")
+        student_embedding, reference_embedding = (e.float().flatten(1) for e in embeddings)
+        per_sample = per_sample + (student_embedding - reference_embedding).pow(2).mean(dim=1)
     return (weights * per_sample).mean(), weights
 
 

@@ -5,6 +5,10 @@
                              (stage, epoch, step, the partly done epoch's metric sums)
     checkpoints/stage{k}.pt  the student as stage k left it: a run resumed midway through
                              stage k+1 rebuilds that stage's reference from it
+    checkpoints/stage{k}-best.pt     the student at stage k's best validation epoch
+                             (reference.snapshot: best)
+    checkpoints/stage{k}-methods.pt  stage k's trained method helpers (the forgetting
+                             measures of later stage ends read them)
 
 The stage loop decides when to write them; this module decides what they hold. Each
 ``last.pt`` records its run's identity (seed, stage layout, config): a resume refuses a
@@ -25,11 +29,13 @@ from torch import Tensor, nn
 from smskd.config import Stage
 from smskd.errors import UserError
 from smskd.store.checkpoint import (
+    atomic_save,
     has_checkpoint,
     load_latest,
     load_state_dict,
     misfit,
     rng_state,
+    safe_load,
     set_rng_state,
 )
 from smskd.train.epoch import EpochProgress
@@ -46,6 +52,9 @@ class ResumePoint:
     epoch: int = 0
     global_step: int = 0  # steps done before this point (the trackers' x-axis)
     state: dict[str, Any] | None = None  # last.pt, when the stage is resumed midway
+    # At a stage's start: the optimizer state the stage before ended with
+    # (schedule_across_stages: continue carries the student's part on).
+    previous_optimizer: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         text = f"stage {self.stage + 1}, epoch {self.epoch + 1}"
@@ -64,6 +73,8 @@ class Checkpoints:
         self.stages = list(stages)
         self.identity = _identity(seed, stages, hparams)
         self.snapshots: dict[int, str] = {}  # stage k → SHA-256 of stage{k}.pt, as written
+        self.best_snapshots: dict[int, str] = {}  # stage k → SHA-256 of stage{k}-best.pt
+        self.helper_snapshots: dict[int, str] = {}  # stage k → SHA-256 of stage{k}-methods.pt
 
     @property
     def last(self) -> Path:
@@ -73,8 +84,29 @@ class Checkpoints:
         """``stage{stage}.pt``, numbered from 1 as users read stages."""
         return self.folder / f"stage{stage}.pt"
 
+    def stage_best(self, stage: int) -> Path:
+        return self.folder / f"stage{stage}-best.pt"
+
+    def stage_helpers(self, stage: int) -> Path:
+        return self.folder / f"stage{stage}-methods.pt"
+
     def stage_end_weights(self, stage: int) -> dict[str, Tensor]:
         return load_state_dict(self.stage_end(stage), sha256=self.snapshots.get(stage))
+
+    def save_helpers(self, stage: int, methods: Sequence[nn.Module]) -> None:
+        """Stage ``stage``'s method helpers, if any method has state to keep."""
+        states = [m.state_dict() for m in methods]
+        if any(states):
+            self.helper_snapshots[stage] = atomic_save(
+                {"methods": states}, self.stage_helpers(stage)
+            )
+
+    def helpers(self, stage: int) -> list[dict[str, Any]] | None:
+        """What :meth:`save_helpers` kept of stage ``stage``, or None."""
+        path = self.stage_helpers(stage)
+        if stage not in self.helper_snapshots or not path.is_file():
+            return None
+        return safe_load(path, sha256=self.helper_snapshots[stage])["methods"]
 
     def state(
         self,
@@ -91,6 +123,8 @@ class Checkpoints:
             "format": CHECKPOINT_FORMAT,
             "identity": self.identity,
             "snapshots": dict(self.snapshots),
+            "best_snapshots": dict(self.best_snapshots),
+            "helper_snapshots": dict(self.helper_snapshots),
             "num_stages": len(self.stages),
             "stage": stage,
             "epoch": epoch,
@@ -123,13 +157,15 @@ class Checkpoints:
                 f"({misfit(err)}); resume the run it came from, or start over with --force"
             ) from None
         self.snapshots = dict(state.get("snapshots", {}))
+        self.best_snapshots = dict(state.get("best_snapshots", {}))
+        self.helper_snapshots = dict(state.get("helper_snapshots", {}))
         stage, epoch = state["stage"], state["epoch"]
         global_step = state.get("global_step")
         if global_step is None:  # written before checkpoints recorded it: count it
             epochs = sum(s.epochs for s in self.stages[:stage]) + epoch
             global_step = epochs * (steps_per_epoch or 0) + state.get("step", 0)
         if epoch >= self.stages[stage].epochs:  # that stage was complete
-            return ResumePoint(stage + 1, 0, global_step)
+            return ResumePoint(stage + 1, 0, global_step, previous_optimizer=state["optimizer"])
         return ResumePoint(stage, epoch, global_step, state)
 
     def _check_ours(self, state: Any, path: Path) -> None:

@@ -11,6 +11,7 @@ copy of the student, which must not copy them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,16 @@ from smskd.methods.registry import build_method
 from smskd.models.taps import FeatureTaps, layout_of
 from smskd.train.acceleration import Acceleration
 from smskd.train.epoch import StageModels, StageObjective, forward_outputs, unpack_batch
+from smskd.train.reference import tap_target
+
+
+@dataclass(frozen=True)
+class ScheduleSpan:
+    """Where a stage's epochs sit in one LR schedule over the whole run
+    (``schedule_across_stages: continue``): after ``offset`` of its ``total`` epochs."""
+
+    offset: int
+    total: int
 
 
 @dataclass
@@ -40,7 +51,7 @@ class BuiltStage:
     device: torch.device
 
     def close(self) -> None:
-        _remove(self.models.student_taps, self.models.teacher_taps)
+        _remove(self.models.student_taps, self.models.teacher_taps, self.models.reference_taps)
 
     def __enter__(self) -> BuiltStage:
         return self
@@ -59,40 +70,55 @@ def build_stage(
     num_samples: int | None = None,
     acceleration: Acceleration | None = None,
     reference_config: ReferenceConfig | None = None,
+    span: ScheduleSpan | None = None,
 ) -> BuiltStage:
     """Build ``stage`` for ``student`` and ``teacher``: its methods, their taps, their
     helpers sized by one forward of ``probe_batch`` (a training batch), the objective
     with ``reference`` (the frozen previous student, or None in stage 1) weighted as
-    ``reference_config`` says, and a fresh optimizer and schedule. ``num_samples``, the
-    training set's size, is for the methods that keep a bank per sample (CRD).
+    ``reference_config`` says, and a fresh optimizer and schedule (the stage's part of
+    one schedule over the run, with ``span``). ``num_samples``, the training set's
+    size, is for the methods that keep a bank per sample (CRD).
     """
     if stage.methods and teacher is None:
         raise UserError(f"stage {stage.label!r} uses KD methods but no teacher was given")
+    reference_config = reference_config or ReferenceConfig()
     student_layout = layout_of(student)
     teacher_layout = layout_of(teacher) if teacher is not None else student_layout
     methods = [
         build_method(spec.name, spec.options, student_layout, teacher_layout)
         for spec in stage.methods
     ]
-    student_taps = FeatureTaps(student, [t for m in methods for t in m.student_taps()], "student")
-    teacher_taps = None
+    embedding = None
+    if reference is not None and reference_config.anchor == "logits+embedding":
+        embedding = student_layout.embedding
+        if embedding is None:
+            raise UserError(
+                "reference.anchor 'logits+embedding' needs the student's embedding, and the "
+                "student declares none (give it taps.embedding) or use anchor: logits"
+            )
+    student_tapped = [t for m in methods for t in m.student_taps()]
+    student_taps = FeatureTaps(student, [*student_tapped, *filter(None, [embedding])], "student")
+    teacher_taps = reference_taps = None
     try:
         if teacher is not None:
             teacher_taps = FeatureTaps(
                 teacher, [t for m in methods for t in m.teacher_taps()], "teacher"
             )
+        if embedding is not None:
+            reference_taps = FeatureTaps(tap_target(reference), [embedding], "reference")
         models = StageModels(
             student,
             teacher,
             reference,
             student_taps,
             teacher_taps,
+            reference_taps,
             methods,
             acceleration or Acceleration(device.type),
         )
         _setup_methods(models, methods, stage, probe_batch, device, num_samples)
     except BaseException:
-        _remove(student_taps, teacher_taps)
+        _remove(student_taps, teacher_taps, reference_taps)
         raise
     objective = StageObjective(
         stage.ce_weight,
@@ -100,7 +126,8 @@ def build_stage(
             (m, spec.weight if spec.weight is not None else m.default_weight)
             for m, spec in zip(methods, stage.methods, strict=True)
         ],
-        reference_config or ReferenceConfig(),
+        reference_config,
+        embedding,
     )
     params = list(student.parameters()) + [p for m in methods for p in m.parameters()]
     optimizer = build_optimizer(stage.optimizer, params)
@@ -110,7 +137,7 @@ def build_stage(
         methods,
         objective,
         optimizer,
-        build_scheduler(stage.schedule, optimizer, stage.epochs),
+        build_scheduler(stage.schedule, optimizer, stage.epochs, span),
         models.acceleration.grad_scaler(),
         device,
     )
@@ -130,13 +157,46 @@ def build_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.o
 
 
 def build_scheduler(
-    cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, epochs: int
+    cfg: ScheduleConfig,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    span: ScheduleSpan | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The stage's LR schedule over its ``epochs``, or, with ``span``, its part of one
+    schedule over the whole run (milestones then count the run's epochs)."""
+    if span is not None:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: lr_factor(cfg, span.offset + epoch, span.total)
+        )
     if cfg.name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if cfg.name == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, gamma=cfg.gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+def lr_factor(cfg: ScheduleConfig, epoch: int, total: int) -> float:
+    """The fraction of the base LR that schedule ``cfg`` gives epoch ``epoch`` (0-based)
+    of ``total``: the closed forms of the per-stage schedulers."""
+    if cfg.name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / total))
+    if cfg.name == "multistep":
+        return cfg.gamma ** sum(milestone <= epoch for milestone in cfg.milestones)
+    return 1.0
+
+
+def carry_student_state(
+    previous: dict[str, Any], optimizer: torch.optim.Optimizer, count: int
+) -> None:
+    """Give ``optimizer`` the state (momentum, Adam moments) that ``previous``, the state
+    dict of the stage before's optimizer, holds for the first ``count`` parameters: the
+    student's, which come first in every stage's optimizer. The helpers of the stage
+    before are gone; this stage's start fresh."""
+    current = optimizer.state_dict()
+    for i in range(count):
+        if i in previous["state"]:
+            current["state"][i] = previous["state"][i]
+    optimizer.load_state_dict(current)
 
 
 def _remove(*taps: FeatureTaps | None) -> None:

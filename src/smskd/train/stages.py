@@ -18,7 +18,9 @@ output cache, DDP, signals and progress reports in their own modules.
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,26 +36,35 @@ from smskd.config import (
     ReferenceConfig,
     Stage,
     TrackingConfig,
+    check_one_schedule,
     why_teacher_needed,
 )
 from smskd.errors import UserError
-from smskd.store.checkpoint import atomic_save
+from smskd.store.checkpoint import atomic_save, atomic_write_text
 from smskd.store.tracking import MetricsLog, RunTracker, check_backends
 from smskd.train import distributed
 from smskd.train.acceleration import Acceleration
 from smskd.train.epoch import EpochProgress, NonFiniteLoss, evaluate, train_epoch
+from smskd.train.forgetting import ForgettingProbe
 from smskd.train.interrupt import RunStopped, StopRequest
 from smskd.train.progress import ProgressBar, Reporting
 from smskd.train.reference import make_reference
 from smskd.train.resume import Checkpoints, ResumePoint, restore_stage
-from smskd.train.stage import BuiltStage, build_stage
+from smskd.train.selection import StageBest, best_epoch
+from smskd.train.stage import BuiltStage, ScheduleSpan, build_stage, carry_student_state
+
+FORGETTING = "forgetting.json"
 
 
 @dataclass
 class RunResult:
+    """The trained student, its per-epoch records and, with a probe set, the forgetting
+    matrix (one row per stage end, see :mod:`smskd.train.forgetting`)."""
+
     student: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_time: float = 0.0
+    forgetting: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def final_accuracy(self) -> float:
@@ -61,7 +72,14 @@ class RunResult:
 
     @property
     def best_accuracy(self) -> float:
+        """The best test accuracy of any epoch: chosen on test, so optimistic."""
         return max(r["test_acc"] for r in self.history)
+
+    @property
+    def selected_accuracy(self) -> float | None:
+        """Test accuracy at the best validation epoch; None without a validation split."""
+        chosen = best_epoch(self.history)
+        return chosen["test_acc"] if chosen is not None else None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -112,6 +130,9 @@ def run_stages(
     performance: PerformanceConfig | None = None,
     tracking: TrackingConfig | Sequence[str] | None = None,
     hparams: Mapping[str, Any] | None = None,
+    val_data: Iterable | None = None,
+    probe_data: Iterable | None = None,
+    schedule_across_stages: str = "restart",
 ) -> RunResult:
     """Train ``student`` through ``stages``; return it with its per-epoch history.
 
@@ -130,12 +151,35 @@ def run_stages(
     ``hparams`` as the run's hyper-parameters (default: seed, stages and reference).
     Checkpoints record the seed, the stages and ``hparams`` (but its ``tracking``);
     ``resume`` refuses one that another run wrote.
+
+    ``val_data``: a validation split, evaluated after every epoch (``val_acc``); what
+    the run chooses (``reference.snapshot: best``, :attr:`RunResult.selected_accuracy`)
+    is chosen on it, never on ``eval_data``, the test split. ``probe_data``: fixed
+    validation batches on which every stage end's forgetting is measured
+    (``OUT/forgetting.json``, :attr:`RunResult.forgetting`). ``schedule_across_stages``:
+    ``"restart"`` (a fresh optimizer and LR schedule per stage) or ``"continue"`` (one
+    schedule over every stage's epochs, the student's optimizer state carried on).
     """
     if not stages:
         raise UserError("the stage list is empty: give at least one Stage")
     if nonfinite not in ("stop", "skip"):
         raise UserError(f"nonfinite must be 'stop' or 'skip', not {nonfinite!r}")
     reference_cfg = reference or ReferenceConfig()
+    if reference_cfg.snapshot == "best" and len(stages) > 1 and val_data is None:
+        raise UserError(
+            "reference snapshot 'best' takes each stage's best validation epoch: pass "
+            "val_data (or set data.val_split)"
+        )
+    if schedule_across_stages not in ("restart", "continue"):
+        raise UserError(
+            "schedule_across_stages must be 'restart' or 'continue', not "
+            f"{schedule_across_stages!r}"
+        )
+    if schedule_across_stages == "continue":
+        try:
+            check_one_schedule(stages)
+        except ValueError as err:
+            raise UserError(str(err)) from None
     needed = why_teacher_needed(stages, reference_cfg)
     if teacher is None and needed is not None:
         raise UserError(f"no teacher was given, but one is required because {needed}")
@@ -149,6 +193,7 @@ def run_stages(
             "seed": seed,
             "stages": [s.model_dump(mode="json") for s in stages],
             "reference": reference_cfg.model_dump(mode="json"),
+            "schedule_across_stages": schedule_across_stages,
         }
     device = resolve_device(device)
     performance = performance or PerformanceConfig()
@@ -158,7 +203,18 @@ def run_stages(
         if teacher is student:
             raise UserError("teacher and student are the same module object; pass two models")
         acceleration.prepare(teacher.to(device).eval().requires_grad_(False))
-    training = _Training(student, teacher, list(stages), train_data, eval_data, reference_cfg, seed)
+    training = _Training(
+        student,
+        teacher,
+        list(stages),
+        train_data,
+        eval_data,
+        reference_cfg,
+        seed,
+        val_data,
+        probe_data,
+        schedule_across_stages == "continue",
+    )
     execution = _Execution(
         device,
         acceleration,
@@ -186,9 +242,12 @@ class _Training:
     teacher: nn.Module | None
     stages: list[Stage]
     train_data: Iterable
-    eval_data: Iterable
+    eval_data: Iterable  # the test split: evaluated and reported, never chosen on
     reference: ReferenceConfig
     seed: int
+    val_data: Iterable | None  # what every choice is made on
+    probe_data: Iterable | None  # the forgetting measures' validation images
+    one_schedule: bool  # schedule_across_stages: continue
 
     def epochs_before(self, stage: int, epoch: int) -> int:
         """Epochs of the run before epoch index ``epoch`` of stage index ``stage``."""
@@ -240,8 +299,35 @@ def _train(
         steps = _steps_per_epoch(training.train_data)
         start = checkpoints.resume_point(training.student, steps, bookkeeping.log)
     reporting = _reporting(training, bookkeeping, start, saves, resume)
+    stage_best = None
+    if training.reference.snapshot == "best" and training.val_data is not None:
+        stage_best = StageBest(checkpoints.stage_best if saves and checkpoints else None)
+        if checkpoints is not None:
+            stage_best.hashes = checkpoints.best_snapshots  # one record, kept in last.pt
+            stage_best.resume(start.stage + 1, reporting.metrics.records)
+    probe = None
+    if training.probe_data is not None and execution.job.is_main:
+        probe = ForgettingProbe(
+            training.probe_data,
+            training.stages,
+            training.teacher,
+            execution.device,
+            stage_end=checkpoints.stage_end_weights if checkpoints else None,
+            helpers=checkpoints.helpers if checkpoints else None,
+        )
+        if saves and resume and (out / FORGETTING).is_file():
+            rows = json.loads((out / FORGETTING).read_text()).get("rows", [])
+            probe.rows = [r for r in rows if r["stage"] <= start.stage]
     loop = _StageLoop(
-        training, execution, reporting, checkpoints, saves, bookkeeping.checkpoint_every_steps
+        training,
+        execution,
+        reporting,
+        checkpoints,
+        saves,
+        bookkeeping.checkpoint_every_steps,
+        stage_best,
+        probe,
+        start.previous_optimizer,
     )
     started = time.perf_counter()
     status = "FAILED"
@@ -256,7 +342,8 @@ def _train(
     if saves:
         atomic_save(training.student.state_dict(), out / "student.pt")
     history = list(reporting.metrics.records)
-    return RunResult(training.student, history, time.perf_counter() - started)
+    rows = probe.rows if probe is not None else []
+    return RunResult(training.student, history, time.perf_counter() - started, rows)
 
 
 def _reporting(
@@ -305,10 +392,14 @@ class _StageLoop:
     checkpoints: Checkpoints | None  # every rank reads them, to resume
     saves: bool  # this rank writes them: rank 0 of a run with a directory
     every_steps: int | None  # a checkpoint every this many steps, besides each epoch's
+    stage_best: StageBest | None  # each stage's best-validation student (snapshot: best)
+    probe: ForgettingProbe | None  # measures each stage end
+    carried: dict[str, Any] | None  # the stage before's optimizer state (one schedule)
     stop: StopRequest = field(default_factory=StopRequest)
 
     def run(self, start: ResumePoint) -> None:
         with self.stop:
+            self._measure_missed(start.stage)
             for k in range(start.stage, len(self.training.stages)):
                 self._stage(start if k == start.stage else ResumePoint(k))
 
@@ -321,6 +412,9 @@ class _StageLoop:
         reference = self._reference(k, midway=start.state is not None)
         torch.manual_seed(t.seed * 7919 + k)  # helpers' init does not depend on history
         probe = next(iter(t.train_data))
+        span = None
+        if t.one_schedule:
+            span = ScheduleSpan(t.epochs_before(k, 0), t.epochs_before(len(t.stages), 0))
         with build_stage(
             stage,
             t.student,
@@ -331,23 +425,58 @@ class _StageLoop:
             num_samples=_num_samples(t.train_data),
             acceleration=x.acceleration,
             reference_config=t.reference,
+            span=span,
         ) as built:
             if x.cache_bytes is not None:
                 self._cache_frozen_outputs(built)
             partial = restore_stage(start.state, built) if start.state is not None else None
+            if span is not None and start.state is None and self.carried is not None:
+                count = sum(1 for _ in t.student.parameters())
+                carry_student_state(self.carried, built.optimizer, count)
             if x.job.enabled:
                 built.models.student = distributed.data_parallel(t.student, built.methods, x.device)
             built.models.compile()
             for epoch in range(start.epoch, stage.epochs):
                 self._epoch(k, built, epoch, partial)
                 partial = None
+            self.carried = built.optimizer.state_dict() if span is not None else None
         seconds = time.perf_counter() - started
         self.reporting.end_stage(k + 1, len(t.stages), stage.label, seconds)
+        if self.probe is not None:
+            self._measure(k + 1, t.student, built.methods)
+
+    def _measure(self, number: int, student: nn.Module, methods: list) -> None:
+        """Stage ``number``'s row of the forgetting matrix, logged and saved."""
+        assert self.probe is not None
+        row = self.probe.finished(number, student, methods)
+        measures = row["measures"]
+        shown = ", ".join(
+            f"{key} {value:.3f}" for key, value in measures.items() if value is not None
+        )
+        self.reporting.log(f"{self.reporting.name}: stage {number} end on the probe: {shown}")
+        if self.saves and self.checkpoints is not None:
+            out = self.checkpoints.folder.parent
+            text = json.dumps({"split": "validation", "rows": self.probe.rows}, indent=1)
+            atomic_write_text(out / FORGETTING, text + "\n")
+
+    def _measure_missed(self, finished: int) -> None:
+        """Rows of stages that finished before a kill let them be measured."""
+        if self.probe is None or self.checkpoints is None:
+            return
+        measured = {row["stage"] for row in self.probe.rows}
+        for number in range(1, finished + 1):
+            if number not in measured:
+                student = copy.deepcopy(self.training.student)
+                student.load_state_dict(self.checkpoints.stage_end_weights(number))
+                self._measure(number, student, [])
 
     def _reference(self, k: int, midway: bool) -> nn.Module | None:
-        """R for stage index ``k``: the student as the stage before left it, frozen."""
+        """R for stage index ``k``: the student as the stage before left it (or at its
+        best validation epoch), frozen."""
         if k == 0 or self.training.reference.weighting == "none":
             return None
+        if self.stage_best is not None:
+            return make_reference(self.training.student, self.stage_best.of(k))
         # Midway through stage k the student has moved on: the stage before's end is on disk.
         stage_end = None
         if midway and self.checkpoints is not None:
@@ -385,6 +514,10 @@ class _StageLoop:
             raise self._nonfinite(k, built, epoch, err.step) from None
         built.scheduler.step()
         distributed.sync_buffers(t.student)
+        val = {}
+        if t.val_data is not None:
+            scores = evaluate(t.student, t.val_data, x.device, x.acceleration)
+            val = {"val_acc": scores["acc"], "val_loss": scores["loss"]}
         test = evaluate(t.student, t.eval_data, x.device, x.acceleration)
         self.reporting.end_epoch(
             {
@@ -394,13 +527,16 @@ class _StageLoop:
                 "global_epoch": global_epoch,
                 "lr": lr,
                 **{f"train_{key}": value for key, value in train.items()},
+                **val,
                 "test_acc": test["acc"],
                 "test_loss": test["loss"],
                 "epoch_time": time.perf_counter() - started,
             }
         )
+        if self.stage_best is not None:
+            self.stage_best.offer(k + 1, val["val_acc"], t.student)
         if epoch + 1 == stage.epochs:
-            self._save_stage_end(k)
+            self._save_stage_end(k, built)
         self._save(k, built, epoch + 1, None)
         if self.stop.requested:
             raise self._stopped(f"after {_where(k, built, epoch)}")
@@ -429,7 +565,7 @@ class _StageLoop:
         state = self.checkpoints.state(k, epoch, progress, tracker.global_step, student, built)
         atomic_save(state, self.checkpoints.last, keep_previous=True)
 
-    def _save_stage_end(self, k: int) -> None:
+    def _save_stage_end(self, k: int, built: BuiltStage) -> None:
         if not self.saves:
             return
         assert self.checkpoints is not None
@@ -437,6 +573,8 @@ class _StageLoop:
         self.checkpoints.snapshots[k + 1] = atomic_save(
             self.training.student.state_dict(), self.checkpoints.stage_end(k + 1)
         )
+        if self.probe is not None:  # later stage ends measure this stage's method with them
+            self.checkpoints.save_helpers(k + 1, built.methods)
 
     def _cache_frozen_outputs(self, built: BuiltStage) -> None:
         assert self.execution.cache_bytes is not None

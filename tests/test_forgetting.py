@@ -1,0 +1,126 @@
+"""The forgetting matrix: every stage end measured on the probe, against values
+computed by hand from the saved stage-end students."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fakes import make_student
+from torch.utils.data import DataLoader, TensorDataset
+
+from smskd import Stage, run_stages
+from smskd.store.checkpoint import load_state_dict
+
+QUIET = {"progress": False, "log": lambda _: None}
+
+
+def _split(tiny_data):
+    train, test = tiny_data
+    x, y = train.dataset.tensors
+    return (
+        DataLoader(TensorDataset(x[:96], y[:96]), batch_size=32),
+        DataLoader(TensorDataset(x[96:], y[96:]), batch_size=16),  # the probe: 2 batches
+        test,
+    )
+
+
+def _stages() -> list[Stage]:
+    return [
+        Stage(methods=["kd"], epochs=2, optimizer={"lr": 0.2}),
+        Stage(methods=[{"name": "fitnets", "weight": 2.0}], epochs=1, optimizer={"lr": 0.2}),
+        Stage(methods=["rkd"], epochs=1, optimizer={"lr": 0.2}),
+    ]
+
+
+@pytest.fixture
+def measured(tiny_data, teacher, tmp_path):
+    train, probe, test = _split(tiny_data)
+    result = run_stages(
+        make_student(),
+        teacher,
+        _stages(),
+        train,
+        test,
+        val_data=probe,
+        probe_data=probe,
+        out_dir=tmp_path,
+        **QUIET,
+    )
+    return result, probe, tmp_path
+
+
+def _stage_end(folder, k):
+    student = make_student()
+    student.load_state_dict(load_state_dict(folder / "checkpoints" / f"stage{k}.pt"))
+    return student.eval()
+
+
+def test_each_stage_end_is_measured_as_by_hand(measured, teacher) -> None:
+    result, probe, folder = measured
+    assert [row["stage"] for row in result.forgetting] == [1, 2, 3]
+    assert json.loads((folder / "forgetting.json").read_text())["rows"] == result.forgetting
+    x = torch.cat([b[0] for b in probe])
+    y = torch.cat([b[1] for b in probe])
+    with torch.no_grad():
+        t = teacher(x)
+        logits = {k: _stage_end(folder, k)(x) for k in (1, 2, 3)}
+    for k, row in enumerate(result.forgetting, 1):
+        s, m = logits[k], row["measures"]
+        assert m["probe_acc"] == pytest.approx(100 * (s.argmax(1) == y).float().mean().item())
+        agree = (s.argmax(1) == t.argmax(1)).float().mean().item()
+        assert m["teacher_agreement"] == pytest.approx(100 * agree)
+        # KD, τ = 4: τ²·KL(softmax(t/τ) ‖ softmax(s/τ)) per sample, averaged per probe batch
+        p_t = F.softmax(t / 4, 1)
+        kd = 16 * (p_t * (p_t.log() - F.log_softmax(s / 4, 1))).sum(1)
+        assert m["loss:kd"] == pytest.approx(kd.mean().item(), rel=1e-4)
+        for j in range(1, k):
+            p_j = F.softmax(logits[j], 1)
+            kl = (p_j * (p_j.log() - F.log_softmax(s, 1))).sum(1).mean().item()
+            assert m[f"kl_to_stage{j}"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
+        assert f"kl_to_stage{k}" not in m
+    # FitNets' regressor is trained in stage 2: before it there is no honest value.
+    assert result.forgetting[0]["measures"]["loss:fitnets"] is None
+    assert result.forgetting[1]["measures"]["loss:fitnets"] is not None
+    assert all(row["measures"]["loss:rkd"] is not None for row in result.forgetting)
+
+
+def test_measuring_does_not_change_training(tiny_data, teacher) -> None:
+    train, probe, test = _split(tiny_data)
+    plain = run_stages(make_student(), teacher, _stages(), train, test, **QUIET)
+    probed = run_stages(make_student(), teacher, _stages(), train, test, probe_data=probe, **QUIET)
+    for key, value in plain.student.state_dict().items():
+        assert torch.equal(value, probed.student.state_dict()[key]), key
+    assert plain.forgetting == [] and len(probed.forgetting) == 3
+
+
+def test_rows_lost_in_a_crash_are_measured_from_the_saved_stages(
+    measured, teacher, tiny_data
+) -> None:
+    """A run killed between a stage's end and its row measures that stage on resume,
+    from stage<k>.pt and the stage's saved method helpers."""
+    result, probe, folder = measured
+    (folder / "forgetting.json").unlink()
+    train, _, test = _split(tiny_data)
+    again = run_stages(
+        make_student(),
+        teacher,
+        _stages(),
+        train,
+        test,
+        val_data=probe,
+        probe_data=probe,
+        out_dir=folder,
+        resume=True,
+        **QUIET,
+    )
+    assert [r["stage"] for r in again.forgetting] == [1, 2, 3]
+    for before, after in zip(result.forgetting, again.forgetting, strict=True):
+        assert before["measures"].keys() == after["measures"].keys()
+        for key, value in before["measures"].items():
+            again_value = after["measures"][key]
+            assert (again_value is None) == (value is None), key
+            if value is not None:
+                assert again_value == pytest.approx(value, rel=1e-5, abs=1e-7), key

@@ -1,0 +1,130 @@
+"""A sweep's ``tune:`` section (β chosen on validation before every other run) and
+per-recipe seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smskd.errors import UserError
+from smskd.study.sweep import load_sweep, plan, run_sweep, tuned_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+TINY = ["stages.*.epochs=1", "teacher.epochs=1", "data.val_split=200"]
+
+
+def write_sweep(folder: Path, **fields) -> Path:
+    content = {
+        "name": "tuned",
+        "base": str(QUICKSTART),
+        "seeds": [0, 1],
+        "set": TINY,
+        "tune": {"weights": {"fitnets": [1, 10], "rkd": [0.5, 2]}},
+        "recipes": ["single", "smskd"],
+        **fields,
+    }
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(content, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def _weights(run) -> dict[str, float]:
+    return {m.name: m.weight for stage in run.config.stages for m in stage.methods}
+
+
+def test_tuning_runs_come_first_and_the_rest_wait_for_them(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path)
+    runs = plan(load_sweep(path), path, tmp_path / "out")
+    tuning = [r for r in runs if r.group == "tune"]
+    assert [r.label for r in tuning] == [
+        "tune-fitnets(β=1.0)", "tune-fitnets(β=10.0)", "tune-rkd(β=0.5)", "tune-rkd(β=2.0)"
+    ]  # fmt: skip
+    assert runs[: len(tuning)] == tuning and {r.seed for r in tuning} == {0}  # first seed
+    assert [_weights(r) for r in tuning] == [
+        {"fitnets": 1.0}, {"fitnets": 10.0}, {"rkd": 0.5}, {"rkd": 2.0}
+    ]  # fmt: skip
+    waiting = {r.label: r.waits_for_tuning for r in runs if r.group != "tune" and r.seed == 0}
+    assert waiting == {
+        "single-kd": False, "single-fitnets": True, "single-rkd": True, "smskd": True
+    }  # fmt: skip
+    assert tuned_weights(runs) is None
+
+
+def _finish(run, val_acc: float, test_acc: float) -> None:
+    folder = Path(run.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"stage": 1, "global_epoch": 1, "val_acc": val_acc, "test_acc": test_acc}
+    (folder / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (folder / "result.json").write_text("{}")
+
+
+def test_beta_is_chosen_on_validation_and_weighs_every_other_run(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path)
+    out = tmp_path / "out"
+    runs = plan(load_sweep(path), path, out)
+    # Test accuracy says the opposite of validation: it must not be read.
+    scores = {"fitnets(β=1.0)": (70, 99), "fitnets(β=10.0)": (80, 1)}
+    scores |= {"rkd(β=0.5)": (60, 1), "rkd(β=2.0)": (50, 99)}
+    for run in runs:
+        if run.group == "tune":
+            _finish(run, *scores[run.label.removeprefix("tune-")])
+    runs = plan(load_sweep(path), path, out)
+    assert tuned_weights(runs) == {"quickstart": {"fitnets": 10.0, "rkd": 0.5}}
+    smskd = next(r for r in runs if r.label == "smskd" and r.seed == 1)
+    assert _weights(smskd) == {"kd": None, "fitnets": 10.0, "rkd": 0.5}
+    assert not any(r.waits_for_tuning for r in runs)
+    # The chosen β's tuning run (seed 0) is single-fitnets' seed-0 run, made once.
+    single = next(r for r in runs if r.label == "single-fitnets" and r.seed == 0)
+    assert single.same_as == next(r.dir for r in runs if r.label == "tune-fitnets(β=10.0)")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"tune": {"weights": {"fitnet": [1]}}}, "unknown method 'fitnet'"),
+        ({"tune": {"weights": {"rkd": []}}}, "give one or more weights"),
+        ({"tune": {"weights": {"rkd": [-1]}}}, "give one or more weights"),
+        ({"tune": {"weights": {}}}, "tune.weights"),
+        ({"recipes": [{"kind": "smskd", "seeds": [0, 7]}]}, r"seeds \[7\] are not among"),
+    ],
+)
+def test_bad_tuning_specs_are_one_line(tmp_path: Path, fields, message) -> None:
+    with pytest.raises(UserError, match=message):
+        load_sweep(write_sweep(tmp_path, **fields))
+
+
+def test_tuning_needs_a_validation_split(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, set=["stages.*.epochs=1", "teacher.epochs=1"])
+    with pytest.raises(UserError, match=r"set data\.val_split"):
+        plan(load_sweep(path), path, tmp_path / "out")
+
+
+def test_a_recipe_runs_on_its_own_seeds(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, recipes=["scratch", {"kind": "joint", "seeds": [1]}])
+    runs = plan(load_sweep(path), path, tmp_path / "out")
+    assert {(r.label, r.seed) for r in runs if r.group != "tune"} == {
+        ("scratch", 0), ("scratch", 1), ("joint", 1)
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_tuned_sweep_runs_tuning_then_the_rest(tmp_path: Path) -> None:
+    path = write_sweep(
+        tmp_path, seeds=[0], tune={"weights": {"rkd": [0.5, 2]}}, recipes=["single", "smskd"]
+    )
+    out = tmp_path / "out"
+    lines: list[str] = []
+    runs = run_sweep(path, out, progress=False, log=lines.append)
+    assert "2 tuning runs to train" in lines[0]
+    index = json.loads((out / "index.json").read_text())
+    tuning = index["tuning"]["quickstart"]["rkd"]
+    chosen = max(tuning["val_acc"], key=lambda beta: tuning["val_acc"][beta])
+    assert tuning["chosen"] == float(chosen)
+    smskd = next(r for r in runs if r.label == "smskd")
+    assert _weights(smskd)["rkd"] == float(chosen)
+    assert all(r.status == "done" for r in runs)
+    assert all(r.val_acc is not None and r.selected_acc is not None for r in runs)
