@@ -128,3 +128,39 @@ def test_a_tuned_sweep_runs_tuning_then_the_rest(tmp_path: Path) -> None:
     assert _weights(smskd)["rkd"] == float(chosen)
     assert all(r.status == "done" for r in runs)
     assert all(r.val_acc is not None and r.selected_acc is not None for r in runs)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_sweep_without_training_anything_twice(tmp_path: Path) -> None:
+    """The same sweep command started twice at once: tuning, the teacher and every run
+    are trained by exactly one of the two processes."""
+    import re
+    import subprocess
+    import sys
+
+    path = write_sweep(
+        tmp_path, seeds=[0, 1], tune={"weights": {"rkd": [0.5, 2]}}, recipes=["single", "smskd"]
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "smskd.cli.commands", "sweep", str(path), "--out", str(out)]
+    command += ["--no-progress", "--no-report"]
+    workers = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    logs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], logs
+    trained = [
+        match
+        for log in logs
+        for match in re.findall(r"\] (\S+) seed (\d+): [\d.]+% val", log)
+    ]
+    assert len(trained) == len(set(trained)), logs  # nothing twice
+    runs = plan(load_sweep(path), path, out)
+    distinct = {(r.label, str(r.seed)) for r in runs if r.same_as is None}
+    assert set(trained) == distinct
+    # A worker that finds the teacher's directory taken waits (and says so) each time.
+    started = sum(log.count("training teacher") for log in logs)
+    waited = sum(log.count("waiting for a teacher that another worker trains") for log in logs)
+    assert started - waited == 1, logs
+    assert all((Path(r.dir) / "result.json").is_file() for r in runs if r.same_as is None)

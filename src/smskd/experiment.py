@@ -46,7 +46,7 @@ from smskd.models.registry import build_from_factory, build_model
 from smskd.models.taps import ModelLayout
 from smskd.store import rundir
 from smskd.store.checkpoint import export_weights, load_state_dict, load_weights, move_checkpoint
-from smskd.store.runlock import run_lock
+from smskd.store.runlock import RunInUse, run_lock
 from smskd.train import distributed
 from smskd.train.epoch import evaluate
 from smskd.train.stages import RunResult, check_stages, resolve_device, run_stages
@@ -200,7 +200,7 @@ def _locked(out: Path, device: torch.device) -> Iterator[None]:
             except UserError as err:
                 refused = err
         if distributed.any_rank(refused is not None, device):
-            raise refused or UserError(f"{out} is in use by another run (see rank 0)")
+            raise refused or RunInUse(f"{out} is in use by another run (see rank 0)")
         yield
 
 

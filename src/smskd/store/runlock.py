@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 
 
+class RunInUse(UserError):
+    """Another live process holds the run directory's lock: a sweep's other worker
+    skips the run; anyone else gets the message."""
+
+
 @dataclass(frozen=True)
 class LockOwner:
     pid: int
@@ -113,7 +118,7 @@ def _refusal(out: Path, lock: Path, owner: LockOwner | None) -> UserError:
             f"{out} is locked by {lock}, which names no process; if no smskd run is "
             f"writing to {out}, delete {lock}"
         )
-    return UserError(
+    return RunInUse(
         f"{out} is in use by another run ({owner.describe()}; lock file {lock}); wait for it "
         "to finish, stop it, or choose another --out"
     )

@@ -20,6 +20,12 @@ run (``same_as``). Teachers are trained once per distinct teacher config, into
 ``OUT/teachers/``, and shared by every run. Re-running the command skips finished
 runs (``result.json``) and resumes a half-done one from its last checkpoint.
 
+Several processes may work through one sweep: run the same command again (in another
+shell, or on another machine sharing the directory). Each run is claimed by its run
+directory's lock, so no run is trained twice; a worker skips the runs another one is
+training, waits for a shared teacher another one is training, and waits for the
+tuning runs before the runs whose β they choose.
+
 A ``tune:`` section chooses method weights β on the validation split before anything
 else runs: each listed method alone (the ``single`` recipe) at each β of its grid, on
 the tuning seeds; the β with the highest mean last-epoch validation accuracy then
@@ -65,11 +71,13 @@ from smskd.errors import UserError
 from smskd.store import rundir
 from smskd.store.checkpoint import atomic_write_text
 from smskd.store.provenance import git_commit
+from smskd.store.runlock import RunInUse
 from smskd.store.tracking import MetricsLog
 from smskd.study.recipes import RECIPES, expand
 
 INDEX = "index.json"
 RESULT = "result.json"
+WAIT_SECONDS = 10.0  # how often a worker looks again at what other workers are doing
 
 # The comparison table a recipe kind lands in when its entry names no group.
 DEFAULT_GROUPS = {"stages": "stages", "orders": "orders"}
@@ -560,14 +568,20 @@ class Sweep:
     def _with_teachers(self, cfg: RunConfig) -> RunConfig:
         from smskd.experiment import resolve_teachers
 
-        resolved = resolve_teachers(
-            cfg,
-            self._shared_teacher,
-            resume=True,
-            progress=self.progress,
-            tracking_root=self.out,
-            log=self.log,
-        )
+        while True:
+            try:
+                resolved = resolve_teachers(
+                    cfg,
+                    self._shared_teacher,
+                    resume=True,
+                    progress=self.progress,
+                    tracking_root=self.out,
+                    log=self.log,
+                )
+                break
+            except RunInUse as err:  # another worker trains it: its weights come next
+                self.log(f"waiting for a teacher that another worker trains ({err})")
+                time.sleep(WAIT_SECONDS)
         for planned, teacher in zip(cfg.all_teachers, resolved.all_teachers, strict=True):
             if planned.checkpoint is None:
                 self._list_teacher(teacher)
@@ -589,6 +603,9 @@ class Sweep:
         self._write_index()
 
     def _write_index(self) -> None:
+        for run in self.runs:  # other workers' results too
+            if run.same_as is None:
+                _refresh(run)
         index = {
             "sweep": self.sweep.name,
             "sweep_file": str(self.sweep_path),
@@ -607,11 +624,20 @@ class Sweep:
         rundir.claim(self.out, rundir.SWEEP)
         atomic_write_text(self.out / "sweep.yaml", self.sweep_path.read_text(encoding="utf-8"))
         waiting = [r for r in self.runs if r.waits_for_tuning and r.dir in self.selected]
-        if waiting:  # tuning first: the other runs' β depend on it
-            tuning = [r for r in self.runs if r.group == TUNE_GROUP]
-            self._train([r for r in tuning if r.same_as is None], everything=True)
+        while waiting:  # tuning first: the other runs' β depend on it
+            tuning = [r for r in self.runs if r.group == TUNE_GROUP and r.same_as is None]
+            failed = self._train(tuning, everything=True)
+            if failed:
+                raise UserError(
+                    f"tuning run {failed[0].label} seed {failed[0].seed} failed "
+                    f"({failed[0].error}); the other runs' β depend on it"
+                )
             self.runs = plan(self.sweep, self.sweep_path, self.out)
             self.selected = select(self.runs, self.only)
+            waiting = [r for r in self.runs if r.waits_for_tuning]
+            if waiting:
+                self.log("waiting for the tuning runs that other workers train")
+                time.sleep(WAIT_SECONDS)
         failed = self._train([r for r in self.runs if r.same_as is None])
         by_dir = {r.dir: r for r in self.runs if r.same_as is None}
         for run in self.runs:
@@ -621,6 +647,9 @@ class Sweep:
                     setattr(run, key, getattr(first, key))
                 run.wall_time, run.error = first.wall_time, first.error
         self._write_index()
+        elsewhere = [r for r in self.runs if r.status == ELSEWHERE]
+        if elsewhere:
+            self.log(f"{len(elsewhere)} runs are being trained by other workers")
         if failed:
             raise UserError(
                 f"{len(failed)} runs failed (first: {failed[0].label} seed "
@@ -634,10 +663,7 @@ class Sweep:
         from smskd.experiment import distill
 
         for run in distinct:
-            if (Path(run.dir) / RESULT).exists():
-                _check_same_config(run)
-                run.__dict__.update(json.loads((Path(run.dir) / RESULT).read_text()))
-                run.status = "done"
+            _refresh(run)
         todo = [
             r for r in distinct if (everything or r.dir in self.selected) and r.status != "done"
         ]
@@ -658,6 +684,8 @@ class Sweep:
             if self.commit not in self.commits:
                 self.commits.append(self.commit)
             started = time.perf_counter()
+            if _refresh(run):  # another worker finished it meanwhile
+                continue
             try:
                 result = distill(
                     cfg,
@@ -667,31 +695,57 @@ class Sweep:
                     name=run.label,
                     tracking_root=self.out,
                 )
+            except RunInUse:
+                run.status = ELSEWHERE
+                self.log(f"{tag}: another worker is training it")
+                continue
             except UserError as err:
                 run.status, run.error = "failed", str(err)
                 self.log(f"{tag}: FAILED: {err}")
                 self._write_index()
                 continue
+            # What the run's epochs took, resumes included; the same whoever writes it
+            # (two workers may both reach a finished run: the second trains nothing).
             outcome = {
                 "final_acc": result.final_accuracy,
                 "best_acc": result.best_accuracy,
                 "selected_acc": result.selected_accuracy,
                 "val_acc": result.history[-1].get("val_acc"),
-                "wall_time": time.perf_counter() - started,
+                "wall_time": sum(r["epoch_time"] for r in result.history),
             }
             atomic_write_text(Path(run.dir) / RESULT, json.dumps(outcome) + "\n")
             run.__dict__.update(outcome)
             run.status = "done"
-            spent.append(outcome["wall_time"])
+            if not result.epochs_trained:
+                self.log(f"{tag}: finished by another worker")
+                continue
+            spent.append(time.perf_counter() - started)
             left = len(todo) - position
             eta = f", about {_duration(sum(spent) / len(spent) * left)} left" if left else ""
             val = f"{run.val_acc:.2f}% val, " if run.val_acc is not None else ""
             self.log(
                 f"{tag}: {val}{run.final_acc:.2f}% test (last epoch), "
-                f"{outcome['wall_time']:.0f}s; {left} to go{eta}"
+                f"{spent[-1]:.0f}s; {left} to go{eta}"
             )
             self._write_index()
         return [r for r in todo if r.status == "failed"]
+
+
+ELSEWHERE = "running elsewhere"
+
+
+def _refresh(run: PlannedRun) -> bool:
+    """Take a finished run's outcome from its ``result.json`` (written by this worker or
+    another); whether it is finished."""
+    if run.status == "done":
+        return True
+    result = Path(run.dir) / RESULT
+    if not result.exists():
+        return False
+    _check_same_config(run)
+    run.__dict__.update(json.loads(result.read_text()))
+    run.status = "done"
+    return True
 
 
 def _check_same_config(run: PlannedRun) -> None:

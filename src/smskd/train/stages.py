@@ -65,6 +65,7 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_time: float = 0.0
     forgetting: list[dict[str, Any]] = field(default_factory=list)
+    epochs_trained: int = 0  # by this call: fewer after a resume, 0 for a finished run
 
     @property
     def final_accuracy(self) -> float:
@@ -343,7 +344,9 @@ def _train(
         atomic_save(training.student.state_dict(), out / "student.pt")
     history = list(reporting.metrics.records)
     rows = probe.rows if probe is not None else []
-    return RunResult(training.student, history, time.perf_counter() - started, rows)
+    total = training.epochs_before(len(training.stages), 0)
+    trained = total - training.epochs_before(start.stage, start.epoch)
+    return RunResult(training.student, history, time.perf_counter() - started, rows, trained)
 
 
 def _reporting(
