@@ -151,9 +151,7 @@ def test_two_workers_share_one_sweep_without_training_anything_twice(tmp_path: P
     logs = [worker.communicate(timeout=600)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], logs
     trained = [
-        match
-        for log in logs
-        for match in re.findall(r"\] (\S+) seed (\d+): [\d.]+% val", log)
+        match for log in logs for match in re.findall(r"\] (\S+) seed (\d+): [\d.]+% val", log)
     ]
     assert len(trained) == len(set(trained)), logs  # nothing twice
     runs = plan(load_sweep(path), path, out)
