@@ -209,3 +209,36 @@ def test_snapshot_best_changes_the_reference(tiny_data, teacher) -> None:
     assert max(first) > first[-1], "the fixture no longer peaks before the last epoch"
     stage_two = [r["train_reference"] for r in (results[s].history[4] for s in ("last", "best"))]
     assert stage_two[0] != stage_two[1]
+
+
+def test_a_continued_run_trains_its_stages_as_the_whole_run_would(tiny_data, teacher) -> None:
+    """Stages 1–2, then stage 3 alone from their student (continues=(2, 4)): bit for
+    bit the whole 3-stage run (the same seeds, data order and reference) — what lets a
+    search train each stage of a plan once and share it."""
+    train, test = tiny_data
+    shuffled = DataLoader(train.dataset, batch_size=32, shuffle=True)
+    stages = [
+        Stage(methods=["kd"], epochs=2, optimizer={"lr": 0.2}),
+        Stage(methods=[{"name": "fitnets", "weight": 2.0}], epochs=2, optimizer={"lr": 0.2}),
+        Stage(methods=["rkd"], epochs=1, optimizer={"lr": 0.2}),
+    ]
+    whole = run_stages(make_student(), teacher, stages, shuffled, test, seed=3, **QUIET)
+    prefix = run_stages(make_student(), teacher, stages[:2], shuffled, test, seed=3, **QUIET)
+    torch.manual_seed(999)  # another process, another global RNG state
+    rest = run_stages(
+        prefix.student, teacher, stages[2:], shuffled, test, seed=3, continues=(2, 4), **QUIET
+    )
+    for key, value in whole.student.state_dict().items():
+        assert torch.equal(value, rest.student.state_dict()[key]), key
+    assert rest.history[0]["train_reference"] == whole.history[-1]["train_reference"]
+
+
+def test_continuing_needs_the_earlier_student() -> None:
+    config = {
+        "teacher": {"model": "convnet-s"},
+        "student": {"model": "convnet-xs"},
+        "stages": [{"methods": ["kd"], "epochs": 1}],
+        "continues": {"stages": 2, "epochs": 8},
+    }
+    with pytest.raises(UserError, match=r"give it as student\.checkpoint"):
+        load_config(config)

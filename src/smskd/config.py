@@ -191,13 +191,15 @@ class ReferenceConfig(_Strict):
         return self.temperature if self.tcp_temperature == "tau" else self.tcp_temperature
 
 
-def why_teacher_needed(stages: Sequence[Stage], reference: ReferenceConfig) -> str | None:
+def why_teacher_needed(
+    stages: Sequence[Stage], reference: ReferenceConfig, continued: bool = False
+) -> str | None:
     """Why ``stages`` with ``reference`` need a teacher, or None if they do not: the rule
     in one place, for a config (checked as it loads) and for ``run_stages``, which is
     given models and no config."""
     if any(stage.methods for stage in stages):
         return "its stages use KD methods"
-    if len(stages) > 1 and reference.needs_teacher:
+    if (len(stages) > 1 or continued) and reference.needs_teacher:
         return f"reference.weighting {reference.weighting!r} reads the teacher's TCP"
     return None
 
@@ -214,6 +216,16 @@ def check_one_schedule(stages: Sequence[Stage]) -> None:
                     f"stages.{k}.{key} differs from stages.0.{key}; make them equal or use "
                     "'restart'"
                 )
+
+
+class ContinuedRun(_Strict):
+    """A run that goes on from an earlier staged run, whose end is ``student.checkpoint``:
+    its first stage is stage ``stages + 1`` of that run and is anchored to that student
+    (the reference), and every seed and data order continues after ``epochs`` epochs, so
+    that the stages trained here are the ones the whole run would have trained."""
+
+    stages: int = Field(gt=0, description="stages the earlier run had")
+    epochs: int = Field(gt=0, description="student epochs the earlier run had")
 
 
 class TapLayoutConfig(_Strict):
@@ -454,6 +466,9 @@ class RunConfig(_Strict):
         default=False,
         description="under torchrun: BatchNorm statistics over the global batch (GPUs only)",
     )
+    continues: ContinuedRun | None = Field(
+        default=None, description="the run goes on from an earlier staged run's student"
+    )
     schedule_across_stages: Literal["restart", "continue"] = Field(
         default="restart",
         description="a fresh optimizer and LR schedule per stage, or one schedule over all "
@@ -476,13 +491,24 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _teacher_when_needed(self) -> RunConfig:
-        reason = why_teacher_needed(self.stages, self.reference)
+        reason = why_teacher_needed(self.stages, self.reference, self.continues is not None)
         if self.teacher is None and reason is not None:
             raise ValueError(f"teacher: required because {reason}; add a 'teacher:' section")
         if self.extra_teachers:
             self._logit_methods_only()
         if self.performance.cache_teacher:
             self._cacheable()
+        if self.continues is not None:
+            if self.student.checkpoint is None:
+                raise ValueError(
+                    "continues: the run goes on from an earlier staged run's student; give "
+                    "it as student.checkpoint"
+                )
+            if self.schedule_across_stages == "continue":
+                raise ValueError(
+                    "continues: one schedule over all stages needs the whole run's epochs; "
+                    "use schedule_across_stages: restart"
+                )
         best = self.reference.snapshot == "best" and len(self.stages) > 1
         if best and self.data.val_split is None:
             raise ValueError(
@@ -583,6 +609,8 @@ def _refuse_idle_reference(raw: dict[str, Any], cfg: RunConfig, where: str) -> N
     every key, the reference its recipe was derived from included."""
     section = raw.get("reference")
     if len(cfg.stages) > 1 or not section or cfg.reference.weighting == "none":
+        return
+    if cfg.continues is not None:  # the one stage goes on from a staged run: it is anchored
         return
     if section != cfg.reference.model_dump(mode="json"):
         raise UserError(

@@ -444,6 +444,7 @@ def distill(
             val_data=data.val,
             probe_data=data.probe,
             schedule_across_stages=cfg.schedule_across_stages,
+            continues=(cfg.continues.stages, cfg.continues.epochs) if cfg.continues else None,
             seed=cfg.seed,
             device=device,
             out_dir=out,

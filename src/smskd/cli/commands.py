@@ -21,6 +21,7 @@ EXAMPLES = {
     "train-teacher": "smskd train-teacher configs/quickstart.yaml --out runs/teacher",
     "distill": ("smskd distill configs/quickstart.yaml --out runs/smskd --set stages.*.epochs=5"),
     "sweep": "smskd sweep configs/sweeps/fashion-mnist.yaml --out results/fashion-mnist",
+    "search": "smskd search configs/search/fashion-mnist.yaml --out results/fashion-mnist-search",
     "report": "smskd report results/fashion-mnist",
     "eval": "smskd eval runs/quickstart/smskd/student.pt",
     "export": "smskd export runs/quickstart/smskd --format onnx --out student.onnx",
@@ -163,6 +164,20 @@ def cmd_sweep(args: argparse.Namespace) -> Output:
     from smskd.study.report import write_sweep_report
 
     data["report"] = str(write_sweep_report(args.out))
+    return Output(f"report: {data['report']}", data)
+
+
+def cmd_search(args: argparse.Namespace) -> Output:
+    from smskd.study.search import BEST, run_search
+
+    best = run_search(args.spec, args.out, final=not args.no_final, progress=_progress(args))
+    data = {
+        "out": args.out,
+        "best": str(Path(args.out) / BEST),
+        "plan": best.label,
+        "val_acc": best.val_acc,
+        "report": str(Path(args.out) / "report.md"),
+    }
     return Output(f"report: {data['report']}", data)
 
 
@@ -404,6 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = command(
+        "search",
+        cmd_search,
+        "Search the best stage plan (methods, order, β, epochs, λ) on the validation "
+        "split, training each shared prefix once; write OUT/best.yaml, retrain it against "
+        "single KD, joint and the base plan on the test split, and write OUT/report.md. "
+        "Run the same command again to resume, or in another shell to add a worker.",
+    )
+    p.add_argument("spec", help="search spec (YAML)")
+    p.add_argument("--out", required=True, help="search directory")
+    p.add_argument("--no-final", action="store_true", help="skip the final retrain")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = command(
         "report",
         cmd_report,
         "Aggregate a sweep directory: tables (mean ± std over seeds, paired differences "
@@ -522,8 +550,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         return 2
     except RunStopped as stopped:
         again = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--force"]
-        # A sweep resumes by running it again; a single run needs --resume.
-        resume = [] if "--resume" in again or args.command == "sweep" else ["--resume"]
+        # A sweep or search resumes by running it again; a single run needs --resume.
+        resume = [] if "--resume" in again or args.command in ("sweep", "search") else ["--resume"]
         hint = " ".join(["smskd", *again, *resume])
         print(f"{red('smskd:', '1;33')} {stopped}; continue with: {hint}", file=sys.stderr)
         return stopped.exit_code
@@ -542,7 +570,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 # Commands whose result is a closing "done" line, which --quiet drops; the others'
 # output (a listing, an accuracy, a script) is what they are run for.
-_DONE_LINE = {"quickstart", "train-teacher", "distill", "sweep", "report", "export"}
+_DONE_LINE = {"quickstart", "train-teacher", "distill", "sweep", "search", "report", "export"}
 
 
 if __name__ == "__main__":

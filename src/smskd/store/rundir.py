@@ -109,7 +109,19 @@ SWEEP = Layout(
     legacy=("index.json",),
     folders=("plots", "teachers"),
 )
-LAYOUTS = {layout.kind: layout for layout in (RUN, QUICKSTART, SWEEP)}
+SEARCH = Layout(
+    "search",
+    files=(
+        *_with_sidecars_and_temporaries(("search.yaml", "best.yaml", "final.yaml", "report.md")),
+        "search.db",
+        "search.db-journal",
+        "plots/*.png",
+        *_MLFLOW,
+    ),
+    runs=("teacher", "teacher-[0-9]*", "final"),
+    folders=("plots", "nodes", "teacher", "final"),
+)
+LAYOUTS = {layout.kind: layout for layout in (RUN, QUICKSTART, SWEEP, SEARCH)}
 
 
 def kind_of(directory: Path) -> str | None:

@@ -134,6 +134,7 @@ def run_stages(
     val_data: Iterable | None = None,
     probe_data: Iterable | None = None,
     schedule_across_stages: str = "restart",
+    continues: tuple[int, int] | None = None,
 ) -> RunResult:
     """Train ``student`` through ``stages``; return it with its per-epoch history.
 
@@ -160,6 +161,10 @@ def run_stages(
     (``OUT/forgetting.json``, :attr:`RunResult.forgetting`). ``schedule_across_stages``:
     ``"restart"`` (a fresh optimizer and LR schedule per stage) or ``"continue"`` (one
     schedule over every stage's epochs, the student's optimizer state carried on).
+    ``continues``: ``(stages, epochs)`` of an earlier staged run whose end ``student``
+    is: the first stage here is its stage ``stages + 1``, anchored to ``student`` as
+    given, and seeds and data order go on after ``epochs`` epochs, so the stages train
+    exactly as in the whole run.
     """
     if not stages:
         raise UserError("the stage list is empty: give at least one Stage")
@@ -181,7 +186,9 @@ def run_stages(
             check_one_schedule(stages)
         except ValueError as err:
             raise UserError(str(err)) from None
-    needed = why_teacher_needed(stages, reference_cfg)
+    if continues is not None and schedule_across_stages == "continue":
+        raise UserError("continues: use schedule_across_stages 'restart'")
+    needed = why_teacher_needed(stages, reference_cfg, continues is not None)
     if teacher is None and needed is not None:
         raise UserError(f"no teacher was given, but one is required because {needed}")
     if not isinstance(tracking, TrackingConfig):  # ["tensorboard"], as in a config file
@@ -215,6 +222,8 @@ def run_stages(
         val_data,
         probe_data,
         schedule_across_stages == "continue",
+        continues or (0, 0),
+        _snapshot(student) if continues is not None else None,
     )
     execution = _Execution(
         device,
@@ -249,6 +258,8 @@ class _Training:
     val_data: Iterable | None  # what every choice is made on
     probe_data: Iterable | None  # the forgetting measures' validation images
     one_schedule: bool  # schedule_across_stages: continue
+    before: tuple[int, int]  # stages and epochs of the staged run this one continues
+    start_weights: dict[str, torch.Tensor] | None  # its end: the first stage's reference
 
     def epochs_before(self, stage: int, epoch: int) -> int:
         """Epochs of the run before epoch index ``epoch`` of stage index ``stage``."""
@@ -413,7 +424,8 @@ class _StageLoop:
         k, stage = start.stage, t.stages[start.stage]
         started = time.perf_counter()
         reference = self._reference(k, midway=start.state is not None)
-        torch.manual_seed(t.seed * 7919 + k)  # helpers' init does not depend on history
+        # Helpers' init does not depend on history, only on the stage's place in the run.
+        torch.manual_seed(t.seed * 7919 + t.before[0] + k)
         probe = next(iter(t.train_data))
         span = None
         if t.one_schedule:
@@ -476,8 +488,11 @@ class _StageLoop:
     def _reference(self, k: int, midway: bool) -> nn.Module | None:
         """R for stage index ``k``: the student as the stage before left it (or at its
         best validation epoch), frozen."""
-        if k == 0 or self.training.reference.weighting == "none":
+        t = self.training
+        if t.reference.weighting == "none" or (k == 0 and t.start_weights is None):
             return None
+        if k == 0:
+            return make_reference(t.student, t.start_weights)
         if self.stage_best is not None:
             return make_reference(self.training.student, self.stage_best.of(k))
         # Midway through stage k the student has moved on: the stage before's end is on disk.
@@ -492,7 +507,7 @@ class _StageLoop:
         record, checkpoint."""
         t, x, stage = self.training, self.execution, built.stage
         global_epoch = t.epochs_before(k, epoch) + 1
-        _set_epoch(t.train_data, global_epoch)
+        _set_epoch(t.train_data, t.before[1] + global_epoch)
         for method in built.methods:
             method.start_epoch(epoch, stage.epochs)
         lr = built.optimizer.param_groups[0]["lr"]
@@ -610,6 +625,10 @@ class _StageLoop:
             f"{self.reporting.name}: stopped by {self.stop.name} {when}; {saved}",
             self.stop.signum or 0,
         )
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
 def _where(k: int, built: BuiltStage, epoch: int) -> str:
