@@ -95,6 +95,18 @@ def test_the_chosen_plan_from_scratch_scores_what_the_search_saw(tmp_path: Path)
     assert result.history[-1]["val_acc"] == best.val_acc
 
 
+def test_a_plan_that_diverges_is_recorded_and_the_search_goes_on(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path, methods={"kd": [1], "fitnets": [1e38]}, max_stages=1)
+    best = run_search(spec, out, final=False, **QUIET)
+    trained = results(out)
+    failed = [r for r in trained.values() if r["val_acc"] is None]
+    assert len(trained) == 2 and len(failed) == 1
+    assert "NaN/Inf" in failed[0]["error"] and failed[0]["stages"][0][0] == "fitnets"
+    assert best.stages[0].method == "kd"
+    assert "| fitnets(β=1e+38,1ep) | failed |" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

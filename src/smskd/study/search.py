@@ -275,6 +275,12 @@ class Search:
                 self.log(f"waiting for {node.label}, which another worker trains")
                 time.sleep(WAIT_SECONDS)
                 continue
+            except UserError as err:  # a plan that diverges is a bad plan, not a bad search
+                self.log(f"failed {node.label}: {err}")
+                failed = {"val_acc": None, "epochs": node.stages[-1].epochs, "seconds": 0.0}
+                failed |= {"error": str(err), **self._plan_of(node)}
+                atomic_write_text(node.dir / RESULT, json.dumps(failed) + "\n")
+                continue
             outcome = {
                 "val_acc": result.history[-1]["val_acc"],
                 "epochs": node.stages[-1].epochs,
@@ -386,7 +392,8 @@ class Search:
                 if not self.allows(node.stages[-1].epochs):
                     raise optuna.TrialPruned()  # no budget left for this prefix
                 self.train(node, parent)
-            assert node.val_acc is not None
+            if node.val_acc is None:  # it failed (NaN loss...): nothing extends it
+                raise optuna.TrialPruned()
             score = node.val_acc
             trial.set_user_attr(f"node_{depth}", node.dir.name)
             trial.report(score, depth)

@@ -54,7 +54,8 @@ def write_search_report(
     for node in nodes:
         mark = " **(chosen)**" if node.dir == best.dir else ""
         total = sum(s.epochs for s in node.stages)
-        lines.append(f"| {len(node.stages)} | {node.label}{mark} | {node.val_acc:.2f} | {total} |")
+        score = "failed" if node.val_acc is None else f"{node.val_acc:.2f}"
+        lines.append(f"| {len(node.stages)} | {node.label}{mark} | {score} | {total} |")
     lines += [
         "",
         "## How these numbers were made",
@@ -103,6 +104,7 @@ def _plot(search: Any, nodes: list[Any], best: Any) -> Path | None:
     except UserError as err:
         print(f"smskd search: plot skipped: {err}")
         return None
+    nodes = [n for n in nodes if n.val_acc is not None]  # failed prefixes have no score
     by_plan = {(n.stages, n.lam): n for n in nodes}
     fig, (tree, trace) = plt.subplots(1, 2, figsize=(11, 4.5))
     for node in nodes:
