@@ -4,6 +4,7 @@ per-recipe seeds."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -128,13 +129,19 @@ def test_a_tuned_sweep_runs_tuning_then_the_rest(tmp_path: Path) -> None:
     assert _weights(smskd)["rkd"] == float(chosen)
     assert all(r.status == "done" for r in runs)
     assert all(r.val_acc is not None and r.selected_acc is not None for r in runs)
+    # A worker that finds tuning unfinished (its result.json not yet written) while runs
+    # with the tuned β are done: those wait for the tuning, not a comparison with the
+    # base β, and nothing is trained twice.
+    (Path(next(r.dir for r in runs if r.group == "tune")) / "result.json").unlink()
+    lines.clear()
+    run_sweep(path, out, progress=False, log=lines.append)
+    assert not [line for line in lines if re.search(r"% val, .*to go", line)], lines
 
 
 @pytest.mark.slow
 def test_two_workers_share_one_sweep_without_training_anything_twice(tmp_path: Path) -> None:
     """The same sweep command started twice at once: tuning, the teacher and every run
     are trained by exactly one of the two processes."""
-    import re
     import subprocess
     import sys
 

@@ -736,9 +736,13 @@ ELSEWHERE = "running elsewhere"
 
 def _refresh(run: PlannedRun) -> bool:
     """Take a finished run's outcome from its ``result.json`` (written by this worker or
-    another); whether it is finished."""
+    another); whether it is finished. A run whose β still waits for tuning is planned
+    with the base's β, so another worker's finished run in its place (with the tuned β)
+    is not compared with it yet."""
     if run.status == "done":
         return True
+    if run.waits_for_tuning:
+        return False
     result = Path(run.dir) / RESULT
     if not result.exists():
         return False
