@@ -124,3 +124,13 @@ def test_rows_lost_in_a_crash_are_measured_from_the_saved_stages(
             assert (again_value is None) == (value is None), key
             if value is not None:
                 assert again_value == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_a_method_keyed_on_training_indices_is_left_out_of_the_probe(indexed_data, teacher) -> None:
+    train, test = indexed_data
+    x, y, index = train.dataset.tensors
+    probe = DataLoader(TensorDataset(x[96:], y[96:], index[96:]), batch_size=16)
+    stages = [Stage(methods=["kd"], epochs=1), Stage(methods=["crd"], epochs=1)]
+    result = run_stages(make_student(), teacher, stages, train, test, probe_data=probe, **QUIET)
+    assert [row["measures"]["loss:crd"] for row in result.forgetting] == [None, None]
+    assert all(row["measures"]["loss:kd"] is not None for row in result.forgetting)

@@ -242,3 +242,8 @@ def test_continuing_needs_the_earlier_student() -> None:
     }
     with pytest.raises(UserError, match=r"give it as student\.checkpoint"):
         load_config(config)
+    config["student"]["checkpoint"] = "student.pt"
+    config["reference"] = {"snapshot": "best"}
+    config["data"] = {"val_split": 0.1}
+    with pytest.raises(UserError, match=r"use reference\.snapshot: last"):
+        load_config(config)

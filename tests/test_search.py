@@ -49,7 +49,7 @@ def test_the_grid_counts() -> None:
     spec = load_search(write_spec(Path("/tmp"), lam=[0.5, 1], epochs=[1, 2], max_stages=3))
     # 3 (method, β) × 2 epochs = 6 choices a stage; λ from stage 2 on.
     plans = 6 + 36 * 2 + 216 * 2
-    assert naive_counts(spec) == (plans, 6 + 2 * 72 + 3 * 432, plans)
+    assert naive_counts(spec) == (plans, 6 + 2 * 72 + 3 * 432)
 
 
 def test_each_prefix_is_trained_once_and_extended_from_its_student(tmp_path: Path) -> None:
@@ -125,6 +125,13 @@ def test_bad_specs_are_one_line(tmp_path: Path, fields, message) -> None:
 def test_a_base_without_validation_split_is_refused(tmp_path: Path) -> None:
     path = write_spec(tmp_path, set=["teacher.epochs=1"])
     with pytest.raises(UserError, match=r"set data\.val_split"):
+        Search(load_search(path), path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("choice", ["reference.snapshot=best", "schedule_across_stages=continue"])
+def test_a_base_a_plan_cannot_be_split_from_is_refused(tmp_path: Path, choice: str) -> None:
+    path = write_spec(tmp_path, set=["teacher.epochs=1", "data.val_split=200", choice])
+    with pytest.raises(UserError, match="one stage at a time"):
         Search(load_search(path), path, tmp_path / "out")
 
 

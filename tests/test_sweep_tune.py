@@ -98,6 +98,22 @@ def test_bad_tuning_specs_are_one_line(tmp_path: Path, fields, message) -> None:
         load_sweep(write_sweep(tmp_path, **fields))
 
 
+def test_a_weight_a_recipe_sets_wins_over_the_tuned_one(tmp_path: Path) -> None:
+    path = write_sweep(
+        tmp_path, recipes=[{"kind": "smskd", "set": ["stages.1.methods.0.weight=3"]}]
+    )
+    out = tmp_path / "out"
+    for run in plan(load_sweep(path), path, out):
+        if run.group == "tune":
+            _finish(
+                run, val_acc=80.0 if "10.0" in run.label or "0.5" in run.label else 70.0, test_acc=0
+            )
+    smskd = [r for r in plan(load_sweep(path), path, out) if r.group != "tune"]
+    assert {json.dumps(_weights(r)) for r in smskd} == {
+        json.dumps({"kd": None, "fitnets": 3.0, "rkd": 0.5})
+    }
+
+
 def test_tuning_needs_a_validation_split(tmp_path: Path) -> None:
     path = write_sweep(tmp_path, set=["stages.*.epochs=1", "teacher.epochs=1"])
     with pytest.raises(UserError, match=r"set data\.val_split"):

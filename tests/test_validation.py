@@ -97,7 +97,7 @@ def test_best_epoch_reads_validation_only() -> None:
 
 
 def test_stage_best_keeps_the_best_validation_epoch(tmp_path, student) -> None:
-    best = StageBest(lambda stage: tmp_path / f"stage{stage}-best.pt")
+    best = StageBest(lambda stage: tmp_path / f"stage{stage}-best.pt", writes=True)
     chosen = {k: v.clone() for k, v in student.state_dict().items()}
     best.offer(1, 60.0, student)
     with torch.no_grad():
@@ -107,10 +107,15 @@ def test_stage_best_keeps_the_best_validation_epoch(tmp_path, student) -> None:
     best.offer(1, 40.0, student)
     for key, value in chosen.items():
         assert torch.equal(best.of(1)[key], value)
-    reread = StageBest(lambda stage: tmp_path / f"stage{stage}-best.pt")
+    # Midway through the stage it lives in last.pt; a resume takes it from there.
+    resumed = StageBest(lambda stage: tmp_path / f"stage{stage}-best.pt", writes=True)
+    resumed.restore(best.running(1), 1, [{"stage": 1, "val_acc": 99.0}])
+    assert resumed.scores == {1: 60.0}
+    # At the stage's end it goes to its file (before last.pt records the checksum).
+    assert not (tmp_path / "stage1-best.pt").exists()
+    best.finish(1)
+    reread = StageBest(lambda stage: tmp_path / f"stage{stage}-best.pt", writes=False)
     reread.hashes = dict(best.hashes)
-    reread.resume(1, [{"stage": 1, "val_acc": 60.0}, {"stage": 2, "val_acc": 99.0}])
-    assert reread.scores == {1: 60.0}
     for key, value in chosen.items():
         assert torch.equal(reread.of(1)[key], value)  # from the file, checksum checked
 

@@ -509,6 +509,11 @@ class RunConfig(_Strict):
                     "continues: one schedule over all stages needs the whole run's epochs; "
                     "use schedule_across_stages: restart"
                 )
+            if self.reference.snapshot == "best":
+                raise ValueError(
+                    "continues: the first stage is anchored to student.checkpoint, the "
+                    "earlier run's last epoch; use reference.snapshot: last"
+                )
         best = self.reference.snapshot == "best" and len(self.stages) > 1
         if best and self.data.val_split is None:
             raise ValueError(

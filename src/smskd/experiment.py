@@ -104,6 +104,8 @@ def prepare_data(
             val_split, source, cfg.eval_batch_size, shuffle=False, device=device, **shards
         )
         probe_split = stratified_subset(val_split, PROBE_SIZE, seed=cfg.val_seed)
+        # Whole on every rank (rank 0 measures alone): the matrix must not depend on
+        # how many processes train.
         probe = InMemoryLoader(
             probe_split,
             source,
@@ -111,7 +113,6 @@ def prepare_data(
             shuffle=False,
             drop_last=True,
             device=device,
-            **shards,
         )
     train = InMemoryLoader(
         train_split,

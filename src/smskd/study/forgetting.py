@@ -58,4 +58,4 @@ def stage_one_forgetting(recipe: RecipeResult) -> dict[str, dict[int, float]]:
 
 def _trained_in(row: dict[str, Any], key: str) -> bool:
     """Whether the stage of ``row`` trained the method of measure ``key``."""
-    return key.removeprefix("loss:") in row["label"].split("+")
+    return key.removeprefix("loss:") in row.get("methods", row["label"].split("+"))

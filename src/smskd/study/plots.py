@@ -182,7 +182,8 @@ def _weights(plt: Any, results: SweepResults, base: str, path: Path) -> bool:
 
 def _forgetting(plt: Any, results: SweepResults, base: str, path: Path) -> bool:
     smskd = [r for r in results.of(base, kind="smskd") if r.same_as is None and r.forgetting]
-    panels = [r for r in smskd if r.group == "main" or r.label == "ref-none"][:2]
+    default = next((r for r in smskd if r.group == "main"), None)  # the report's anchor
+    panels = [r for r in (default, next((r for r in smskd if r.label == "ref-none"), None)) if r]
     if not panels:
         return False
     matrices = [mean_matrix(r) for r in panels]

@@ -99,7 +99,9 @@ def comparison_table(results: SweepResults, base: str, group: str) -> str:
         "| recipe | stages | seeds | " + " | ".join([*accuracy, *headers]) + " | time per run |",
         "|---|---|---:|" + "---:|" * (len(accuracy) + len(anchors)) + "---:|",
     ]
-    dashes = " | ".join("–" for _ in [*anchors, *accuracy[2:]])
+    # After the test accuracy: the chosen-epoch column and the Δ columns.
+    after_test = len(accuracy) - accuracy.index("test acc, last epoch") - 1
+    dashes = " | ".join("–" for _ in range(after_test + len(anchors)))
     for teacher in results.teachers():
         lines.append(
             f"| teacher {teacher['model']} | labels only | 1 | "

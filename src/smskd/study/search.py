@@ -63,7 +63,8 @@ from smskd.errors import UserError
 from smskd.store import rundir
 from smskd.store.checkpoint import atomic_write_text
 from smskd.store.runlock import RunInUse
-from smskd.study.sweep import RESULT, WAIT_SECONDS
+from smskd.study.sweep import RESULT, WAIT_SECONDS, check_weight_grids
+from smskd.train.stages import LossNotFinite
 
 STUDY_DB = "search.db"
 NODES = "nodes"
@@ -104,17 +105,7 @@ class SearchSpec(_Strict):
     budget: Budget
     final: FinalRetrain = Field(default_factory=FinalRetrain)
 
-    @field_validator("methods")
-    @classmethod
-    def _grids(cls, methods: dict[str, list[float]]) -> dict[str, list[float]]:
-        from smskd.methods.registry import METHODS
-
-        for name, grid in methods.items():
-            if name not in METHODS:
-                raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-            if not grid or any(beta < 0 for beta in grid):
-                raise ValueError(f"{name}: give one or more weights β ≥ 0")
-        return methods
+    _grids = field_validator("methods")(check_weight_grids)
 
     @field_validator("epochs")
     @classmethod
@@ -165,17 +156,17 @@ def load_search(path: str | Path) -> SearchSpec:
     return validate(SearchSpec, raw, str(path))
 
 
-def naive_counts(spec: SearchSpec) -> tuple[int, int, int]:
-    """(plans, stage trainings of a grid that trains every plan from scratch, distinct
-    prefixes = stage trainings of a grid that shares them) over the search space."""
+def naive_counts(spec: SearchSpec) -> tuple[int, int]:
+    """(plans, stage trainings of a grid that trains every plan from scratch) over the
+    search space. A grid that shares prefixes trains one stage per plan: every prefix
+    is a plan."""
     per_stage = sum(len(grid) for grid in spec.methods.values()) * len(spec.epochs)
-    plans = trainings = prefixes = 0
+    plans = trainings = 0
     for depth in range(1, spec.max_stages + 1):
         count = per_stage**depth * (len(spec.lam) if depth > 1 else 1)
         plans += count
         trainings += count * depth
-        prefixes += count
-    return plans, trainings, prefixes
+    return plans, trainings
 
 
 @dataclass
@@ -204,6 +195,13 @@ class Search:
             )
         if base.teacher is None:
             raise UserError(f"{self.spec_path}: the base config has no teacher to distil from")
+        # A prefix goes on from its parent's last epoch, stage by stage.
+        if base.reference.snapshot == "best" or base.schedule_across_stages == "continue":
+            raise UserError(
+                f"{self.spec_path}: the search trains a plan one stage at a time, each from "
+                "the last epoch of the one before: set reference.snapshot: last and "
+                "schedule_across_stages: restart in the base config"
+            )
         self.base_path = base_path
         self.base = base
 
@@ -214,7 +212,7 @@ class Search:
         lam_used = lam if len(stages) > 1 else None
         identity = json.dumps(
             {
-                "base": self.base.to_yaml(),
+                "base": self._base_identity(),
                 "stages": [[s.method, s.beta, s.epochs] for s in stages],
                 "lam": lam_used,
             }
@@ -224,6 +222,16 @@ class Search:
         node = Node(stages, lam_used, self.out / NODES / name)
         self._read(node)
         return node
+
+    def _base_identity(self) -> str:
+        """The base config as a prefix's identity: a teacher the search trained is named
+        relative to ``OUT``, so the prefixes keep their names if ``OUT`` moves."""
+        teacher = self.base.teacher
+        assert teacher is not None
+        if teacher.checkpoint is not None and Path(teacher.checkpoint).is_relative_to(self.out):
+            relative = str(Path(teacher.checkpoint).relative_to(self.out))
+            teacher = teacher.model_copy(update={"checkpoint": relative})
+        return self.base.model_copy(update={"teacher": teacher}).to_yaml()
 
     def _read(self, node: Node) -> bool:
         result = node.dir / RESULT
@@ -275,7 +283,7 @@ class Search:
                 self.log(f"waiting for {node.label}, which another worker trains")
                 time.sleep(WAIT_SECONDS)
                 continue
-            except UserError as err:  # a plan that diverges is a bad plan, not a bad search
+            except LossNotFinite as err:  # a plan that diverges is a bad plan, not a bad search
                 self.log(f"failed {node.label}: {err}")
                 failed = {"val_acc": None, "epochs": node.stages[-1].epochs, "seconds": 0.0}
                 failed |= {"error": str(err), **self._plan_of(node)}
@@ -347,12 +355,21 @@ class Search:
             grace_period=3 * HEARTBEAT_SECONDS,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
         )
+        try:  # resumed, or joined by another worker: a sampler seeded apart from theirs
+            done = len(optuna.load_study(study_name=self.spec.name, storage=storage).trials)
+        except KeyError:
+            done = 0
+        # constant_liar: a worker's proposals count the others' running trials as done
+        # (with a pessimistic value), so parallel workers propose other plans.
+        sampler = optuna.samplers.TPESampler(
+            seed=self.spec.seed + done, n_startup_trials=8, constant_liar=True
+        )
         study = optuna.create_study(
             study_name=self.spec.name,
             storage=storage,
             direction="maximize",
             load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=self.spec.seed, n_startup_trials=8),
+            sampler=sampler,
             pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2),
         )
         # Trials in a row that trained nothing new (each costs milliseconds): after
@@ -384,7 +401,7 @@ class Search:
         score = 0.0
         for depth in range(1, self.spec.max_stages + 1):
             method = trial.suggest_categorical(f"method_{depth}", list(self.spec.methods))
-            beta = trial.suggest_categorical(f"beta_{method}", self.spec.methods[method])
+            beta = trial.suggest_categorical(f"beta_{depth}_{method}", self.spec.methods[method])
             epochs = trial.suggest_categorical(f"epochs_{depth}", self.spec.epochs)
             stages = (*stages, PlanStage(method, float(beta), int(epochs)))
             node = self.node(stages, float(lam))
@@ -502,7 +519,8 @@ def run_search(
     ``OUT/final`` and write ``OUT/report.md``."""
     path = Path(spec_file)
     spec = load_search(path)
-    search = Search(spec, path, Path(out_dir), progress=progress, log=log)
+    # Resolved: prefixes name their parents' weights by path, whatever the working directory.
+    search = Search(spec, path, Path(out_dir).resolve(), progress=progress, log=log)
     best = search.run()
     log(f"best plan: {best.label}: {best.val_acc:.2f}% val; config: {search.out / BEST}")
     if final:

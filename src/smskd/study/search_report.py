@@ -15,13 +15,13 @@ from smskd.store.checkpoint import atomic_write_text
 
 
 def write_search_report(
-    search: Any, grid: tuple[int, int, int], best_file: str, *, plots: bool = True
+    search: Any, grid: tuple[int, int], best_file: str, *, plots: bool = True
 ) -> Path:
-    """``grid``: plans, stage trainings of a grid from scratch, distinct prefixes."""
+    """``grid``: the space's plans, and the stage trainings of a grid from scratch."""
     spec = search.spec
     nodes = sorted(search.trained(), key=lambda n: (len(n.stages), -(n.val_acc or 0)))
     best = search.best()
-    plans, grid_trainings, prefixes = grid
+    plans, grid_trainings = grid
     count, epochs, seconds = search.spent()
     grids = ", ".join(
         f"{m} β ∈ {{{', '.join(f'{b:g}' for b in g)}}}" for m, g in spec.methods.items()
@@ -35,7 +35,8 @@ def write_search_report(
         f"{spec.epochs}; λ ∈ {spec.lam}: {plans:,} plans.",
         f"- Cost: {count} stage trainings ({epochs} student epochs, {seconds / 60:.0f} min of "
         f"training and evaluation). A grid over the same space trains {grid_trainings:,} "
-        f"stages if every plan starts from scratch, {prefixes:,} if it shares prefixes too.",
+        f"stages if every plan starts from scratch, {plans:,} (one per plan) if it shares "
+        "prefixes too.",
         "",
     ]
     lines += _final_section(search)

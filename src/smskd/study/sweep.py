@@ -109,23 +109,26 @@ class RecipeEntry(_Strict):
         return grid
 
 
+def check_weight_grids(cls: type, grids: dict[str, list[float]]) -> dict[str, list[float]]:
+    """A method name → β grid mapping, as tuning and search take it: known methods,
+    non-empty grids of weights ≥ 0."""
+    from smskd.methods.registry import METHODS
+
+    for name, grid in grids.items():
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+        if not grid or any(beta < 0 for beta in grid):
+            raise ValueError(f"{name}: give one or more weights β ≥ 0")
+    return grids
+
+
 class TuneConfig(_Strict):
     """β grids chosen on validation before the sweep's other runs (see the module doc)."""
 
     seeds: list[int] | None = Field(default=None, min_length=1)  # default: the first seed
     weights: dict[str, list[float]] = Field(min_length=1)
 
-    @field_validator("weights")
-    @classmethod
-    def _grids(cls, weights: dict[str, list[float]]) -> dict[str, list[float]]:
-        from smskd.methods.registry import METHODS
-
-        for name, grid in weights.items():
-            if name not in METHODS:
-                raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
-            if not grid or any(beta < 0 for beta in grid):
-                raise ValueError(f"{name}: give one or more weights β ≥ 0")
-        return weights
+    _grids = field_validator("weights")(check_weight_grids)
 
 
 class SweepConfig(_Strict):
@@ -330,12 +333,13 @@ def _entry_runs(
 ) -> list[PlannedRun]:
     """The runs of one recipe entry at one grid point and seed, on one base, with the
     β that tuning chose (``tuned``: base → method → β; None while tuning is unfinished)."""
-    overrides = [*sweep.set, *entry.set, *(_override_text(k, v) for k, v in point.items())]
     where = f"{sweep_path}: recipe {entry.name or entry.kind!r} on {base_name}"
     try:
+        # The tuned β go in before the entry's own overrides: a weight it sets wins.
+        weights = _weight_overrides(base_raw, sweep.set, tuned[base_name]) if tuned else []
+        point_set = [_override_text(k, v) for k, v in point.items()]
+        overrides = [*sweep.set, *weights, *entry.set, *point_set]
         cfg = load_config(copy.deepcopy(base_raw), [*overrides, f"seed={seed}"])
-        if tuned is not None:
-            cfg = with_weights(cfg, tuned[base_name])
         expanded = expand(cfg, entry.kind, method=entry.method, teachers=_others(cfg, entry))
     except (UserError, ValueError) as err:
         raise UserError(f"{where}: {err}") from None
@@ -416,6 +420,19 @@ def _tune_runs(
             labelled = [(f"tune-{method}", c) for _, c in expanded]
             runs += _planned(labelled, entry, {"β": beta}, seed, base_name, out, where)
     return runs
+
+
+def _weight_overrides(
+    base_raw: dict[str, Any], overrides: Sequence[str], weights: dict[str, float]
+) -> list[str]:
+    """``stages.i.methods.j.weight=β`` for every use of a tuned method in the base."""
+    cfg = load_config(copy.deepcopy(base_raw), list(overrides))
+    return [
+        f"stages.{i}.methods.{j}.weight={weights[spec.name]}"
+        for i, stage in enumerate(cfg.stages)
+        for j, spec in enumerate(stage.methods)
+        if spec.name in weights
+    ]
 
 
 def with_weights(cfg: RunConfig, weights: dict[str, float]) -> RunConfig:
@@ -624,6 +641,7 @@ class Sweep:
         rundir.claim(self.out, rundir.SWEEP)
         atomic_write_text(self.out / "sweep.yaml", self.sweep_path.read_text(encoding="utf-8"))
         waiting = [r for r in self.runs if r.waits_for_tuning and r.dir in self.selected]
+        said = False
         while waiting:  # tuning first: the other runs' β depend on it
             tuning = [r for r in self.runs if r.group == TUNE_GROUP and r.same_as is None]
             failed = self._train(tuning, everything=True)
@@ -634,9 +652,11 @@ class Sweep:
                 )
             self.runs = plan(self.sweep, self.sweep_path, self.out)
             self.selected = select(self.runs, self.only)
-            waiting = [r for r in self.runs if r.waits_for_tuning]
+            waiting = [r for r in self.runs if r.waits_for_tuning and r.dir in self.selected]
             if waiting:
-                self.log("waiting for the tuning runs that other workers train")
+                if not said:
+                    self.log("waiting for the tuning runs that other workers train")
+                    said = True
                 time.sleep(WAIT_SECONDS)
         failed = self._train([r for r in self.runs if r.same_as is None])
         by_dir = {r.dir: r for r in self.runs if r.same_as is None}

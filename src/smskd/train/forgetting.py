@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smskd.config import Stage
+from smskd.methods.registry import METHODS
 from smskd.train.epoch import forward_outputs, unpack_batch
 from smskd.train.stage import build_stage
 
@@ -66,7 +67,13 @@ class ForgettingProbe:
                 measures = self._measure(number, student)
             finally:
                 student.train(was_training)
-        row = {"stage": number, "label": self.stages[number - 1].label, "measures": measures}
+        stage = self.stages[number - 1]
+        row = {
+            "stage": number,
+            "label": stage.label,
+            "methods": [spec.name for spec in stage.methods],
+            "measures": measures,
+        }
         self.rows = [r for r in self.rows if r["stage"] < number] + [row]
         return row
 
@@ -128,6 +135,12 @@ class ForgettingProbe:
         self, k: int, names: list[str], trained: bool, student: nn.Module
     ) -> dict[str, float | None]:
         stage = self.stages[k - 1]
+        # A method keyed on training-sample indices is not measured (and not built: its
+        # memory bank needs the training set's size).
+        kept = [spec for spec in stage.methods if not METHODS[spec.name].needs_index]
+        if not kept:
+            return dict.fromkeys(names)
+        stage = stage.model_copy(update={"methods": kept})
         probe = next(iter(self.batches))
         with build_stage(stage, student, self.teacher, None, probe, self.device) as built:
             states = self._trained.get(k) if trained else None
@@ -135,7 +148,7 @@ class ForgettingProbe:
                 states = self.helpers(k)
             usable: dict[str, Any] = {}
             for method in built.methods:
-                if method.name not in names or method.needs_index:
+                if method.name not in names:
                     continue
                 has_helpers = any(True for _ in method.parameters()) or any(
                     True for _ in method.buffers()

@@ -27,15 +27,19 @@ from smskd.config import ReferenceConfig
 from smskd.methods.functional import soft_kl
 
 
-def make_reference(student: nn.Module, state: dict[str, Tensor] | None = None) -> nn.Module:
+def make_reference(
+    student: nn.Module, state: dict[str, Tensor] | None = None, *, fold: bool = True
+) -> nn.Module:
     """A frozen copy of ``student`` (with ``state`` loaded, as on resume) that only ever
-    runs forward: eval mode, no gradients, never trained, in :func:`inference_form`."""
+    runs forward: eval mode, no gradients, never trained, in :func:`inference_form`
+    (``fold=False``: without folding BatchNorms, which would trace the network anew and
+    could lose a module whose features are tapped)."""
     reference = copy.deepcopy(student)
     if state is not None:
         reference.load_state_dict(state)
     reference.eval()
     reference.requires_grad_(False)
-    return inference_form(reference)
+    return inference_form(reference, fold=fold)
 
 
 def tap_target(reference: nn.Module) -> nn.Module:
@@ -44,7 +48,7 @@ def tap_target(reference: nn.Module) -> nn.Module:
     return reference.network if isinstance(reference, _ChannelsLast) else reference
 
 
-def inference_form(model: nn.Module) -> nn.Module:
+def inference_form(model: nn.Module, *, fold: bool = True) -> nn.Module:
     """The same function, cheaper to evaluate (outputs equal up to float rounding).
 
     The reference's extra forward is SMSKD's only per-step overhead over KD, so it is
@@ -53,8 +57,9 @@ def inference_form(model: nn.Module) -> nn.Module:
     and convolutional networks run channels-last, which CPUs and GPUs convolve faster.
     """
     # Tracing fails in many ways on models with data-dependent control flow: keep those.
-    with contextlib.suppress(Exception):
-        model = fuse(model)
+    if fold:
+        with contextlib.suppress(Exception):
+            model = fuse(model)
     model.requires_grad_(False)  # fused convolutions come with fresh Parameters
     if any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return _ChannelsLast(model.to(memory_format=torch.channels_last)).eval()

@@ -116,9 +116,11 @@ class Checkpoints:
         global_step: int,
         student: nn.Module,
         built: BuiltStage,
+        stage_best: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """What ``last.pt`` holds after ``epoch`` completed epochs of stage index ``stage``
-        (and ``progress`` of the next)."""
+        (and ``progress`` of the next); ``stage_best``: the running stage's best-validation
+        student (``reference.snapshot: best``)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "identity": self.identity,
@@ -138,6 +140,7 @@ class Checkpoints:
             "scheduler": built.scheduler.state_dict(),
             "scaler": built.scaler.state_dict() if built.scaler is not None else None,
             "rng": rng_state(),
+            "stage_best": stage_best,
         }
 
     def resume_point(

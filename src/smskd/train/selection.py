@@ -27,11 +27,15 @@ def best_epoch(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 class StageBest:
-    """The student at the best validation epoch of each stage, in memory and (when the
-    run has a directory) in ``checkpoints/stage<k>-best.pt``, with its SHA-256."""
+    """The student at the best validation epoch of each stage. The running stage's best
+    is kept in memory and in ``last.pt`` (a resume picks it up exactly); a finished
+    stage's in ``checkpoints/stage<k>-best.pt``, written at the stage's end, before the
+    ``last.pt`` that records its SHA-256 (so a kill never leaves a record of a file that
+    was overwritten). Every rank keeps it; only the rank that ``writes`` saves files."""
 
-    def __init__(self, path: Callable[[int], Path] | None) -> None:
-        self.path = path  # stage number → where its best student is saved; None: not saved
+    def __init__(self, path: Callable[[int], Path] | None, writes: bool) -> None:
+        self.path = path  # stage number → its best student's file; None: no run directory
+        self.writes = writes
         self.scores: dict[int, float] = {}
         self.weights: dict[int, dict[str, Tensor]] = {}
         self.hashes: dict[int, str] = {}
@@ -41,13 +45,26 @@ class StageBest:
         if stage in self.scores and val_acc <= self.scores[stage]:
             return
         self.scores[stage] = val_acc
-        state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        self.weights[stage] = state
-        if self.path is not None:
-            self.hashes[stage] = atomic_save(state, self.path(stage))
+        self.weights[stage] = {k: v.detach().clone() for k, v in student.state_dict().items()}
 
-    def resume(self, stage: int, records: Sequence[dict[str, Any]]) -> None:
-        """Pick up stage ``stage``'s best so far from its logged epochs (a resumed run)."""
+    def finish(self, stage: int) -> None:
+        """Stage ``stage`` ended: its best student goes to its file."""
+        if self.writes and self.path is not None and stage in self.weights:
+            self.hashes[stage] = atomic_save(self.weights[stage], self.path(stage))
+
+    def running(self, stage: int) -> dict[str, Any] | None:
+        """What ``last.pt`` keeps of the running stage ``stage``."""
+        if stage not in self.scores:
+            return None
+        return {"stage": stage, "score": self.scores[stage], "weights": self.weights[stage]}
+
+    def restore(self, saved: dict[str, Any] | None, stage: int, records: Sequence[dict]) -> None:
+        """A resumed run: the running stage's best as ``last.pt`` kept it, or (a checkpoint
+        written before it kept one) the best score from the stage's logged epochs."""
+        if saved is not None and saved.get("stage") == stage:
+            self.scores[stage] = saved["score"]
+            self.weights[stage] = saved["weights"]
+            return
         chosen = best_epoch([r for r in records if r["stage"] == stage])
         if chosen is not None:
             self.scores[stage] = chosen[SELECTION_KEY]

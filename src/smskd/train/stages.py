@@ -56,6 +56,11 @@ from smskd.train.stage import BuiltStage, ScheduleSpan, build_stage, carry_stude
 FORGETTING = "forgetting.json"
 
 
+class LossNotFinite(UserError):
+    """Training diverged (a NaN/Inf loss with ``nonfinite: stop``): the settings, not the
+    input, are at fault; a search records such a plan as failed and goes on."""
+
+
 @dataclass
 class RunResult:
     """The trained student, its per-epoch records and, with a probe set, the forgetting
@@ -313,10 +318,11 @@ def _train(
     reporting = _reporting(training, bookkeeping, start, saves, resume)
     stage_best = None
     if training.reference.snapshot == "best" and training.val_data is not None:
-        stage_best = StageBest(checkpoints.stage_best if saves and checkpoints else None)
+        stage_best = StageBest(checkpoints.stage_best if checkpoints else None, saves)
         if checkpoints is not None:
             stage_best.hashes = checkpoints.best_snapshots  # one record, kept in last.pt
-            stage_best.resume(start.stage + 1, reporting.metrics.records)
+            saved = start.state.get("stage_best") if start.state is not None else None
+            stage_best.restore(saved, start.stage + 1, reporting.metrics.records)
     probe = None
     if training.probe_data is not None and execution.job.is_main:
         probe = ForgettingProbe(
@@ -492,9 +498,10 @@ class _StageLoop:
         if t.reference.weighting == "none" or (k == 0 and t.start_weights is None):
             return None
         if k == 0:
-            return make_reference(t.student, t.start_weights)
+            return make_reference(t.student, t.start_weights, fold=t.reference.anchor == "logits")
+        fold = t.reference.anchor == "logits"  # an anchored embedding keeps its module
         if self.stage_best is not None:
-            return make_reference(self.training.student, self.stage_best.of(k))
+            return make_reference(t.student, self.stage_best.of(k), fold=fold)
         # Midway through stage k the student has moved on: the stage before's end is on disk.
         stage_end = None
         if midway and self.checkpoints is not None:
@@ -580,7 +587,10 @@ class _StageLoop:
         # A logged point ends here, so a resumed run's points average the same steps.
         tracker.flush()
         student = self.training.student
-        state = self.checkpoints.state(k, epoch, progress, tracker.global_step, student, built)
+        best = self.stage_best.running(k + 1) if self.stage_best is not None else None
+        state = self.checkpoints.state(
+            k, epoch, progress, tracker.global_step, student, built, best
+        )
         atomic_save(state, self.checkpoints.last, keep_previous=True)
 
     def _save_stage_end(self, k: int, built: BuiltStage) -> None:
@@ -593,6 +603,8 @@ class _StageLoop:
         )
         if self.probe is not None:  # later stage ends measure this stage's method with them
             self.checkpoints.save_helpers(k + 1, built.methods)
+        if self.stage_best is not None:
+            self.stage_best.finish(k + 1)
 
     def _cache_frozen_outputs(self, built: BuiltStage) -> None:
         assert self.execution.cache_bytes is not None
@@ -607,13 +619,13 @@ class _StageLoop:
                 f"{time.perf_counter() - started:.1f}s"
             )
 
-    def _nonfinite(self, k: int, built: BuiltStage, epoch: int, step: int) -> UserError:
+    def _nonfinite(self, k: int, built: BuiltStage, epoch: int, step: int) -> LossNotFinite:
         kept = (
             "the last good checkpoint is kept"
             if self.checkpoints is not None
             else "nothing was saved"
         )
-        return UserError(
+        return LossNotFinite(
             f"{self.reporting.name}: the loss became NaN/Inf in {_where(k, built, epoch)}, "
             f"step {step}; lower the learning rate or the method weights, or set nonfinite: "
             f"skip ({kept})"
