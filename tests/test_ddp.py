@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,10 +19,13 @@ import yaml
 
 CONFIG = {
     "seed": 0,
-    "data": {"name": "digits", "batch_size": 32},
+    # A validation split and the best-validation snapshot: every rank must anchor to the
+    # same reference, after a kill too; rank 0 alone measures forgetting.
+    "data": {"name": "digits", "batch_size": 32, "val_split": 200},
     "teacher": {"model": "convnet-s", "epochs": 1},
     "student": {"model": "convnet-xs"},
     "stages": [{"methods": ["kd"], "epochs": 2}, {"methods": ["crd"], "epochs": 2}],
+    "reference": {"snapshot": "best"},
     "checkpoint_every_steps": 4,
 }
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
@@ -87,9 +91,13 @@ def test_torchrun_trains_and_only_rank_0_writes(clean_run) -> None:
     assert [f for f in files if not f.endswith(".sha256")] == [
         "last.prev.pt",
         "last.pt",
+        "stage1-best.pt",
         "stage1.pt",
+        "stage2-best.pt",
+        "stage2-methods.pt",
         "stage2.pt",
     ]
+    assert len(json.loads((out / "forgetting.json").read_text())["rows"]) == 2
     assert torch.load(out / "student.pt", weights_only=True)
 
 
