@@ -139,3 +139,22 @@ def test_an_os_error_during_a_run_is_one_line(config, tmp_path, capsys, monkeypa
     assert _distill(config, tmp_path / "run") == 2
     line = _error(capsys)
     assert "No space left on device" in line and "x.pt" in line and "--resume" in line
+
+
+def test_a_sweep_takes_a_directory_holding_only_a_teacher_trained_for_it(
+    config, tmp_path, capsys
+) -> None:
+    """`smskd train-teacher --out SWEEP/teachers/x` first, then `smskd sweep --out SWEEP`
+    (the study's recipe): the folder holds only smskd's run; anything else is refused."""
+    from smskd.store import rundir
+
+    sweep = tmp_path / "sweep"
+    teacher = sweep / "teachers" / "resnet"
+    assert main(["train-teacher", str(config), "--out", str(teacher), "--no-progress"]) == 0
+    rundir.claim(sweep, rundir.SWEEP)  # taken
+    assert rundir.kind_of(sweep) == "sweep"
+    other = tmp_path / "other"
+    (other / "teachers").mkdir(parents=True)
+    (other / "teachers" / "notes.txt").write_text("mine")
+    with pytest.raises(smskd.errors.UserError, match="is not an smskd directory"):
+        rundir.claim(other, rundir.SWEEP)

@@ -147,6 +147,16 @@ def _foreign_entries(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name not in (LOCK_NAME, MARKER))
 
 
+def _smskd_folder(directory: Path, name: str, layout: Layout) -> bool:
+    """Whether ``name`` is a folder of ``layout`` holding only smskd runs (a sweep's
+    ``teachers/`` with a teacher trained into it before the sweep first ran)."""
+    folder = directory / name
+    if name not in layout.folders or not folder.is_dir():
+        return False
+    children = list(folder.iterdir())
+    return bool(children) and all(child.is_dir() and kind_of(child) for child in children)
+
+
 def claim(directory: Path, layout: Layout, *, write: bool = True) -> None:
     """Make ``directory`` an smskd directory of ``layout``'s kind, or refuse in one line.
 
@@ -158,7 +168,9 @@ def claim(directory: Path, layout: Layout, *, write: bool = True) -> None:
         raise UserError(f"cannot use {directory} as a {layout.kind} directory: it is a file")
     if directory.is_dir():
         kind = kind_of(directory)
-        foreign = _foreign_entries(directory)
+        foreign = [
+            e for e in _foreign_entries(directory) if not _smskd_folder(directory, e, layout)
+        ]
         if kind is None and foreign:
             more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
             shown = ", ".join(foreign[:3]) + more
