@@ -185,3 +185,24 @@ def test_two_workers_share_one_sweep_without_training_anything_twice(tmp_path: P
     waited = sum(log.count("waiting for a teacher that another worker trains") for log in logs)
     assert started - waited == 1, logs
     assert all((Path(r.dir) / "result.json").is_file() for r in runs if r.same_as is None)
+
+
+def test_a_teacher_given_by_its_checkpoint_is_listed_with_its_accuracy(tmp_path: Path) -> None:
+    from smskd.cli.commands import main
+
+    teacher = tmp_path / "teacher"
+    argv = ["train-teacher", str(QUICKSTART), "--out", str(teacher), "--no-progress"]
+    assert main([*argv, "--set", "teacher.epochs=1"]) == 0
+    path = write_sweep(
+        tmp_path,
+        seeds=[0],
+        set=["stages.*.epochs=1", f"teacher.checkpoint={teacher / 'teacher.pt'}"],
+        tune=None,
+        recipes=[{"kind": "single", "method": "kd"}],
+    )
+    run_sweep(path, tmp_path / "out", progress=False, log=lambda _line: None)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    accuracy = json.loads((teacher / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+    assert index["teachers"] == [
+        {"model": "convnet-m", "dir": str(teacher), "epochs": 1, "final_acc": accuracy}
+    ]

@@ -599,13 +599,13 @@ class Sweep:
             except RunInUse as err:  # another worker trains it: its weights come next
                 self.log(f"waiting for a teacher that another worker trains ({err})")
                 time.sleep(WAIT_SECONDS)
-        for planned, teacher in zip(cfg.all_teachers, resolved.all_teachers, strict=True):
-            if planned.checkpoint is None:
-                self._list_teacher(teacher)
+        for teacher in resolved.all_teachers:
+            self._list_teacher(teacher)
         return resolved
 
     def _list_teacher(self, teacher: TeacherConfig) -> None:
-        """Put a shared teacher in ``index.json``, once."""
+        """Put a teacher in ``index.json``, once: one the sweep trained, or one given by
+        its checkpoint (its accuracy is known if its run directory is beside it)."""
         assert teacher.checkpoint is not None
         teacher_dir = Path(teacher.checkpoint).parent
         if str(teacher_dir) in self.teachers:
@@ -614,7 +614,7 @@ class Sweep:
         self.teachers[str(teacher_dir)] = {
             "model": teacher.model.label,
             "dir": str(teacher_dir),
-            "epochs": teacher.epochs,
+            "epochs": len(records) if records else teacher.epochs,
             "final_acc": records[-1]["test_acc"] if records else None,
         }
         self._write_index()
