@@ -35,10 +35,10 @@ def _stages() -> list[Stage]:
     ]
 
 
-@pytest.fixture
-def measured(tiny_data, teacher, tmp_path):
+def _probed_run(tiny_data, teacher, folder, **extra):
+    """The three stages into ``folder``, validated and measured on the probe."""
     train, probe, test = _split(tiny_data)
-    result = run_stages(
+    return run_stages(
         make_student(),
         teacher,
         _stages(),
@@ -46,10 +46,15 @@ def measured(tiny_data, teacher, tmp_path):
         test,
         val_data=probe,
         probe_data=probe,
-        out_dir=tmp_path,
+        out_dir=folder,
+        **extra,
         **QUIET,
     )
-    return result, probe, tmp_path
+
+
+@pytest.fixture
+def measured(tiny_data, teacher, tmp_path):
+    return _probed_run(tiny_data, teacher, tmp_path), _split(tiny_data)[1], tmp_path
 
 
 def _stage_end(folder, k):
@@ -101,21 +106,9 @@ def test_rows_lost_in_a_crash_are_measured_from_the_saved_stages(
 ) -> None:
     """A run killed between a stage's end and its row measures that stage on resume,
     from stage<k>.pt and the stage's saved method helpers."""
-    result, probe, folder = measured
+    result, _, folder = measured
     (folder / "forgetting.json").unlink()
-    train, _, test = _split(tiny_data)
-    again = run_stages(
-        make_student(),
-        teacher,
-        _stages(),
-        train,
-        test,
-        val_data=probe,
-        probe_data=probe,
-        out_dir=folder,
-        resume=True,
-        **QUIET,
-    )
+    again = _probed_run(tiny_data, teacher, folder, resume=True)
     assert [r["stage"] for r in again.forgetting] == [1, 2, 3]
     for before, after in zip(result.forgetting, again.forgetting, strict=True):
         assert before["measures"].keys() == after["measures"].keys()

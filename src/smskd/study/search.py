@@ -63,7 +63,7 @@ from smskd.errors import UserError
 from smskd.store import rundir
 from smskd.store.checkpoint import atomic_write_text
 from smskd.store.runlock import RunInUse
-from smskd.study.sweep import RESULT, WAIT_SECONDS, check_weight_grids
+from smskd.study.sweep import RESULT, WAIT_SECONDS, check_weight_grids, teachers_among_workers
 from smskd.train.stages import LossNotFinite
 
 STUDY_DB = "search.db"
@@ -245,17 +245,20 @@ class Search:
     def _plan_of(node: Node) -> dict[str, Any]:
         return {"stages": [[s.method, s.beta, s.epochs] for s in node.stages], "lam": node.lam}
 
-    def node_config(self, node: Node, parent: Node | None) -> RunConfig:
+    def _stage(self, planned: PlanStage) -> Stage:
+        """A plan's stage as a config stage, with the base's first stage's optimizer,
+        schedule and CE weight."""
         first = self.base.stages[0]
-        last = node.stages[-1]
-        stage = Stage(
-            methods=[MethodSpec(name=last.method, weight=last.beta)],
-            epochs=last.epochs,
+        return Stage(
+            methods=[MethodSpec(name=planned.method, weight=planned.beta)],
+            epochs=planned.epochs,
             optimizer=first.optimizer,
             schedule=first.schedule,
             ce_weight=first.ce_weight,
         )
-        update: dict[str, Any] = {"stages": [stage], "seed": self.spec.seed}
+
+    def node_config(self, node: Node, parent: Node | None) -> RunConfig:
+        update: dict[str, Any] = {"stages": [self._stage(node.stages[-1])], "seed": self.spec.seed}
         if parent is not None:
             update["student"] = self.base.student.model_copy(
                 update={"checkpoint": str(parent.dir / "student.pt")}
@@ -420,22 +423,11 @@ class Search:
         return score
 
     def _resolve_teacher(self) -> None:
-        from smskd.experiment import own_teachers, resolve_teachers
+        from smskd.experiment import own_teachers
 
-        while True:
-            try:
-                self.base = resolve_teachers(
-                    self.base,
-                    own_teachers(self.out),
-                    resume=True,
-                    progress=self.progress,
-                    tracking_root=self.out,
-                    log=self.log,
-                )
-                return
-            except RunInUse:
-                self.log("waiting for the teacher, which another worker trains")
-                time.sleep(WAIT_SECONDS)
+        self.base = teachers_among_workers(
+            self.base, own_teachers(self.out), progress=self.progress, root=self.out, log=self.log
+        )
 
     # ------------------------------------------------------------------ results
 
@@ -449,18 +441,7 @@ class Search:
         )
 
     def plan_config(self, node: Node) -> RunConfig:
-        first = self.base.stages[0]
-        stages = [
-            Stage(
-                methods=[MethodSpec(name=s.method, weight=s.beta)],
-                epochs=s.epochs,
-                optimizer=first.optimizer,
-                schedule=first.schedule,
-                ce_weight=first.ce_weight,
-            )
-            for s in node.stages
-        ]
-        update: dict[str, Any] = {"stages": stages}
+        update: dict[str, Any] = {"stages": [self._stage(s) for s in node.stages]}
         if node.lam is not None:
             update["reference"] = self.base.reference.model_copy(update={"lam": node.lam})
         cfg = self.base.model_copy(update=update)

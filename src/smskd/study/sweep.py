@@ -583,22 +583,9 @@ class Sweep:
         return trainer, self.out / "teachers" / f"{_slug(teacher.model.label)}-{sha}"
 
     def _with_teachers(self, cfg: RunConfig) -> RunConfig:
-        from smskd.experiment import resolve_teachers
-
-        while True:
-            try:
-                resolved = resolve_teachers(
-                    cfg,
-                    self._shared_teacher,
-                    resume=True,
-                    progress=self.progress,
-                    tracking_root=self.out,
-                    log=self.log,
-                )
-                break
-            except RunInUse as err:  # another worker trains it: its weights come next
-                self.log(f"waiting for a teacher that another worker trains ({err})")
-                time.sleep(WAIT_SECONDS)
+        resolved = teachers_among_workers(
+            cfg, self._shared_teacher, progress=self.progress, root=self.out, log=self.log
+        )
         for teacher in resolved.all_teachers:
             self._list_teacher(teacher)
         return resolved
@@ -752,6 +739,28 @@ class Sweep:
 
 
 ELSEWHERE = "running elsewhere"
+
+
+def teachers_among_workers(
+    cfg: RunConfig,
+    place: Callable[[RunConfig, int, TeacherConfig], tuple[RunConfig, Path]],
+    *,
+    progress: bool,
+    root: Path,
+    log: Callable[[str], None],
+) -> RunConfig:
+    """``resolve_teachers`` for one of several workers: a teacher another worker is
+    training is waited for, and its weights are used once they are there."""
+    from smskd.experiment import resolve_teachers
+
+    while True:
+        try:
+            return resolve_teachers(
+                cfg, place, resume=True, progress=progress, tracking_root=root, log=log
+            )
+        except RunInUse as err:
+            log(f"waiting for a teacher that another worker trains ({err})")
+            time.sleep(WAIT_SECONDS)
 
 
 def _refresh(run: PlannedRun) -> bool:
