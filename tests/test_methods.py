@@ -203,7 +203,12 @@ def default_taps(name: str, side: str) -> list[str]:
     return [tap for role in roles for tap in TAPS_BY_ROLE[role]]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# The zoo CNNs have no per-token features: the language-model feature methods are
+# tested on transformers (tests/test_lm_methods.py, tests/test_language_models.py).
+IMAGE_METHODS = sorted(name for name, cls in METHODS.items() if not cls.needs_sequences)
+
+
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_training_steps_move_student_and_helpers_never_the_teacher(
     name, student, live_teacher, indexed_data
 ) -> None:

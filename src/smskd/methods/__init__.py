@@ -13,12 +13,15 @@ from smskd.methods.kd import KD
 from smskd.methods.dkd import DKD
 from smskd.methods.dist import DIST
 from smskd.methods.lskd import LSKD
+from smskd.methods.lm_kd import LMKD
 from smskd.methods.fitnets import FitNets
 from smskd.methods.at import AT
 from smskd.methods.nst import NST
 from smskd.methods.vid import VID
 from smskd.methods.ft import FT
 from smskd.methods.reviewkd import ReviewKD
+from smskd.methods.lm_hidden import LMHidden
+from smskd.methods.lm_attention import LMAttention
 from smskd.methods.rkd import RKD
 from smskd.methods.sp import SP
 from smskd.methods.pkt import PKT
@@ -34,6 +37,7 @@ __all__ = [
     "DKD",
     "FT",
     "KD",
+    "LMKD",
     "LSKD",
     "NST",
     "PKT",
@@ -42,6 +46,8 @@ __all__ = [
     "VID",
     "DistillMethod",
     "FitNets",
+    "LMAttention",
+    "LMHidden",
     "Outputs",
     "ReviewKD",
     "StageContext",

@@ -36,6 +36,12 @@ class Outputs:
     ``index`` holds the dataset positions of the samples when the loader yields
     ``(x, y, index)`` (every smskd dataset does); methods that key on sample
     identity declare ``needs_index``.
+
+    Sequences (language models): ``token_mask`` ``[B, T]`` is True at the positions
+    inside the losses (padding is not). Logits and labels are then already reduced to
+    those tokens (``[N, V]`` and ``[N]``), so a per-sample loss is a per-token loss and
+    every response method works unchanged; features keep the model's own shapes
+    (``[B, T, D]``, attention ``[B, H, T, T]``) and a method reduces them with the mask.
     """
 
     student_logits: Tensor
@@ -44,6 +50,7 @@ class Outputs:
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     index: Tensor | None = None
+    token_mask: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class DistillMethod(nn.Module):
     helpers: ClassVar[str] = ""  # the trainable parts setup() creates, for `smskd methods`
     default_weight: ClassVar[float] = 1.0
     needs_index: ClassVar[bool] = False
+    # Reads a transformer's per-token features (hidden states, attention): language models only.
+    needs_sequences: ClassVar[bool] = False
     tap_roles: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def student_taps(self) -> list[str]:

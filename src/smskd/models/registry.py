@@ -11,6 +11,7 @@ from torch import nn
 
 from smskd.errors import UserError, choices
 from smskd.models import (
+    causal_lm,
     mobilenetv2,
     resnet_cifar,
     resnet_imagenet_style,
@@ -54,6 +55,7 @@ MODELS: dict[str, ModelEntry] = {
         mobilenetv2.ZOO,
         shufflenet.ZOO,
         resnet_imagenet_style.ZOO,
+        causal_lm.ZOO,
     )
     for name, (build, description) in zoo.items()
 }
@@ -68,6 +70,8 @@ def check_model_name(name: str) -> None:
             f"unknown model {name!r}; valid: {choices(MODELS)}, or torchvision/<arch>, "
             "timm/<arch>, or factory: 'package.module:function'"
         )
+    elif name in causal_lm.ZOO:
+        causal_lm.check_available(name)
 
 
 def build_model(
@@ -99,3 +103,12 @@ def build_from_factory(
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def listed_parameter_count(name: str, num_classes: int, in_channels: int) -> int | None:
+    """``name``'s parameter count with default kwargs, for listings; None when it cannot be
+    built so (``hf-pretrained`` needs a path; ``gpt2``/``llama`` need transformers)."""
+    try:
+        return parameter_count(build_model(name, num_classes, in_channels))
+    except UserError:
+        return None

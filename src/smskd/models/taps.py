@@ -23,7 +23,8 @@ class ModelLayout:
     """Default tap names of a model, so methods need no per-model configuration.
 
     ``features`` are the outputs of the model's stages, shallow to deep; ``embedding``
-    is the vector the classifier reads. Zoo models declare theirs as a class
+    is the vector the classifier reads. Transformers also name, per layer, shallow to
+    deep, their ``attention`` probabilities and ``values``. Zoo models declare theirs as a class
     attribute ``tap_layout``; for any other model, :func:`layout_of` finds the
     embedding as the input of the last ``nn.Linear`` and leaves ``features`` empty
     (feature methods then ask the user to name the layers).
@@ -31,17 +32,23 @@ class ModelLayout:
 
     features: tuple[str, ...] = ()
     embedding: str | None = None
+    attention: tuple[str, ...] = ()
+    values: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for tap in self.features:
+        for tap in (*self.features, *self.attention, *self.values):
             check_tap_name(tap, "taps.features")
         if self.embedding is not None:
             check_tap_name(self.embedding, "taps.embedding")
 
     def role(self, role: str) -> str | list[str] | None:
-        """Resolve a role (``hint``, ``embedding``, ``last_feature``, ``features``) to taps."""
+        """Resolve a role (``hint``, ``embedding``, ``last_feature``, ``features``,
+        ``last_attention``, ``last_values``) to taps."""
         if role == "embedding":
             return self.embedding
+        if role in ("last_attention", "last_values"):
+            per_layer = self.attention if role == "last_attention" else self.values
+            return per_layer[-1] if per_layer else None
         if not self.features:
             return None
         if role == "features":

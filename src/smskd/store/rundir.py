@@ -34,6 +34,9 @@ MARKER = ".smskd-run"
 _WEIGHTS = ("student.pt", "student.safetensors", "teacher.pt", "teacher.safetensors")
 _CHECKPOINTS = ("checkpoints/last.pt", "checkpoints/last.prev.pt", "checkpoints/stage*.pt")
 _MLFLOW = ("mlflow.db", "mlflow.db-journal", "mlflow_run.json", "mlartifacts/**")
+# A language model's weights as transformers' save_pretrained writes them, and its tokenizer.
+HF_FOLDER = "hf"
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
 
 
 def _with_sidecars_and_temporaries(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -85,11 +88,12 @@ RUN = Layout(
         ),
         "tensorboard/events.out.tfevents.*",
         *_MLFLOW,
+        *(f"{HF_FOLDER}/{name}" for name in HF_FILES),
     ),
     runs=("teacher", "teacher-[0-9]*"),
     # config.yaml alone could be a user's own config; a run also logs its epochs.
     legacy=("config.yaml", "metrics.jsonl"),
-    folders=("checkpoints", "tensorboard", "teacher"),
+    folders=("checkpoints", "tensorboard", "teacher", HF_FOLDER),
 )
 QUICKSTART = Layout(
     "quickstart",

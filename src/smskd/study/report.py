@@ -10,8 +10,14 @@ from pathlib import Path
 from smskd.errors import UserError
 from smskd.store.provenance import git_commit, software
 from smskd.study.forgetting import mean_matrix, stage_one_forgetting
+from smskd.study.lm_report import (
+    curves_plot,
+    is_language_model_sweep,
+    language_model_section,
+    samples_section,
+)
 from smskd.study.plots import require_matplotlib, sweep_plots
-from smskd.study.results import RecipeResult, SweepResults, load_sweep_results
+from smskd.study.results import RecipeResult, SweepResults, load_sweep_results, located
 from smskd.study.stats import PairedDifference, mean_std, paired_difference
 from smskd.study.sweep import TUNE_GROUP
 
@@ -190,6 +196,8 @@ def write_sweep_report(runs_dir: str | Path, *, plots: bool = True) -> Path:
     results = load_sweep_results(root)
     index = results.index
     body = [f"# smskd sweep: {index.get('sweep', root.name)}", ""]
+    if is_language_model_sweep(results):
+        return _write_language_model_report(results, root, body, plots)
     made = _plots(results, root) if plots else {}
     for base in results.bases():
         if len(results.bases()) > 1:
@@ -204,6 +212,33 @@ def write_sweep_report(runs_dir: str | Path, *, plots: bool = True) -> Path:
         body += forgetting_section(results, base)
         for title, path in made.get(base, []):
             body += [f"![{title}]({path.relative_to(root).as_posix()})", ""]
+    body += _provenance(results, root)
+    report = root / "report.md"
+    report.write_text("\n".join(body) + "\n")
+    return report
+
+
+def _write_language_model_report(
+    results: SweepResults, root: Path, body: list[str], plots: bool
+) -> Path:
+    """A language-model sweep: perplexity and bits per character instead of accuracy."""
+    several = len(results.bases()) > 1
+    for base in results.bases():
+        if several:
+            body += [f"## {base}", ""]
+        body += language_model_section(results, base)
+        if plots:
+            try:
+                path = root / "plots" / (base if several else "") / "perplexity.png"
+                curves_plot(results, base, path)
+                body += [f"![validation perplexity]({path.relative_to(root).as_posix()})", ""]
+            except UserError as err:
+                print(f"smskd report: plots skipped: {err}")
+    runs = {f"teacher {t['model']}": located(root, t["dir"]) for t in results.teachers()}
+    for run in results.index["runs"]:
+        if run["seed"] == min(r["seed"] for r in results.index["runs"]) and not run.get("same_as"):
+            runs.setdefault(run["label"], located(root, run["dir"]))
+    body += samples_section(runs)
     body += _provenance(results, root)
     report = root / "report.md"
     report.write_text("\n".join(body) + "\n")

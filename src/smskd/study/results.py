@@ -98,7 +98,7 @@ def load_sweep_results(runs_dir: str | Path) -> SweepResults:
                 same_as=label_of_dir.get(same) if same else None,
             )
         recipe = recipes[key]
-        run_dir = _located(root, run.get("same_as") or run["dir"])
+        run_dir = located(root, run.get("same_as") or run["dir"])
         records = MetricsLog(run_dir / "metrics.jsonl").records
         if not (run_dir / "result.json").is_file() or not records:
             continue  # not finished (yet): its seed is not counted
@@ -127,7 +127,7 @@ def _forgetting_rows(path: Path) -> list[dict[str, Any]]:
     return rows if isinstance(rows, list) else []
 
 
-def _located(root: Path, run_dir: str) -> Path:
+def located(root: Path, run_dir: str) -> Path:
     """A run directory as the index names it, or the same path found under ``root``
     (a sweep directory that was moved, or read from another working directory)."""
     path = Path(run_dir)

@@ -7,6 +7,7 @@ no host synchronization per step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smskd.config import ReferenceConfig
+from smskd.data.text import IGNORE_INDEX
 from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs
 from smskd.models.taps import FeatureTaps
@@ -24,6 +26,8 @@ from smskd.train.acceleration import Acceleration, as_float
 from smskd.train.distributed import all_reduce_sum
 from smskd.train.output_cache import CachedOutputs, cache_outputs
 from smskd.train.reference import reference_term, weight_histogram
+
+MAX_LOG_PERPLEXITY = 700.0  # exp() of more overflows a float; such a model is broken anyway
 
 
 @dataclass
@@ -117,14 +121,31 @@ def forward_outputs(models: StageModels, x: Tensor, y: Tensor, index: Tensor | N
         )
         student_logits = models.student(x)
     student_features = dict(models.student_taps.features) if models.student_taps else {}
+    token_mask = sequence_mask(y)
     return Outputs(
-        student_logits=as_float(student_logits),
-        teacher_logits=as_float(teacher_logits),  # type: ignore[arg-type]
-        labels=y,
+        student_logits=as_float(in_loss(student_logits, token_mask)),
+        teacher_logits=as_float(in_loss(teacher_logits, token_mask)),  # type: ignore[arg-type]
+        labels=in_loss(y, token_mask),
         student_features={k: as_float(v) for k, v in student_features.items()},
         teacher_features={k: as_float(v) for k, v in teacher_features.items()},
         index=index,
+        token_mask=token_mask,
     )
+
+
+def sequence_mask(labels: Tensor) -> Tensor | None:
+    """For a batch of sequences (labels ``[B, T]``), the positions inside the losses
+    (label ≠ ``IGNORE_INDEX``: padding is out of every loss and every mean); None for
+    one label per sample."""
+    return labels != IGNORE_INDEX if labels.dim() > 1 else None
+
+
+def in_loss(value: Tensor | None, token_mask: Tensor | None) -> Tensor | None:
+    """``value`` at the tokens inside the losses (``[B, T, ...]`` → ``[N, ...]``): each
+    token is then a sample to every per-sample loss, the reference's and TCP's too."""
+    if value is None or token_mask is None:
+        return value
+    return value[token_mask]
 
 
 def frozen_outputs(
@@ -158,7 +179,7 @@ def step_loss(
     terms: dict[str, Tensor] = {}
     total = out.student_logits.new_zeros((), dtype=torch.float32)
     if objective.ce_weight:
-        terms["ce"] = F.cross_entropy(out.student_logits.float(), y)
+        terms["ce"] = F.cross_entropy(out.student_logits.float(), out.labels)
         total = total + objective.ce_weight * terms["ce"]
     for method, weight in objective.methods:
         value = method.loss(out)
@@ -173,14 +194,17 @@ def step_loss(
         embeddings = None
         if objective.embedding_tap is not None:
             tap = objective.embedding_tap
-            embeddings = (out.student_features[tap], as_float(reference_features[tap]))
+            embeddings = (
+                in_loss(out.student_features[tap], out.token_mask),
+                in_loss(as_float(reference_features[tap]), out.token_mask),
+            )
         terms["reference"], weights = reference_term(
             objective.reference,
             out.student_logits,
-            reference_logits,  # type: ignore[arg-type]
+            in_loss(reference_logits, out.token_mask),  # type: ignore[arg-type]
             out.teacher_logits,
-            y,
-            embeddings,
+            out.labels,
+            embeddings,  # type: ignore[arg-type]
         )
         total = total + terms["reference"]
         terms["ref_weight_mean"] = weights.mean()
@@ -189,7 +213,7 @@ def step_loss(
     terms["loss"] = total
     # Running accuracy on the training batches as they were trained on (augmented,
     # train-mode BN): the usual "train acc" of a training log, at no extra forward.
-    terms["acc"] = (out.student_logits.argmax(dim=1) == y).float().mean() * 100
+    terms["acc"] = (out.student_logits.argmax(dim=1) == out.labels).float().mean() * 100
     return total, {k: v.detach() for k, v in terms.items()}
 
 
@@ -315,16 +339,22 @@ def evaluate(
     acceleration: Acceleration | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy over ``batches`` (summed over ranks
-    under DDP, where each rank evaluates its own shard), in the training's precision."""
+    under DDP, where each rank evaluates its own shard), in the training's precision.
+    For sequences both are per token (padding left out) and ``ppl``, the perplexity
+    ``exp(loss)``, is added, and ``bpc``, bits per character, when ``batches`` says
+    how many characters the split's text has (``batches.characters``)."""
     acceleration = acceleration or Acceleration(device.type)
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss, count
+    sequences = False
     for batch in batches:
         x, y, _ = unpack_batch(batch, device)
         with acceleration.autocast():
             logits = model(acceleration.inputs(x))
-        logits = logits.float()
+        token_mask = sequence_mask(y)
+        sequences = token_mask is not None
+        logits, y = in_loss(logits.float(), token_mask), in_loss(y, token_mask)
         totals[0] += (logits.argmax(dim=1) == y).sum()
         totals[1] += F.cross_entropy(logits, y, reduction="sum")
         totals[2] += len(y)
@@ -332,4 +362,10 @@ def evaluate(
     correct, loss, count = all_reduce_sum(totals).tolist()
     if count == 0:
         raise UserError("the evaluation data yielded no batches; is the dataset empty?")
-    return {"acc": 100.0 * correct / count, "loss": loss / count}
+    scores = {"acc": 100.0 * correct / count, "loss": loss / count}
+    if sequences:
+        scores["ppl"] = math.exp(min(scores["loss"], MAX_LOG_PERPLEXITY))
+        characters = getattr(batches, "characters", None)
+        if characters:  # the text the split's tokens spell: a tokenizer-free measure
+            scores["bpc"] = loss / characters / math.log(2)
+    return scores

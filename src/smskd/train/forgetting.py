@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from smskd.config import Stage
 from smskd.methods.registry import METHODS
-from smskd.train.epoch import forward_outputs, unpack_batch
+from smskd.train.epoch import forward_outputs, in_loss, sequence_mask, unpack_batch
 from smskd.train.stage import build_stage
 
 
@@ -103,10 +103,11 @@ class ForgettingProbe:
         outputs, labels, teacher = [], [], []
         for batch in self.batches:
             x, y, _ = unpack_batch(batch, self.device)
-            outputs.append(student(x).float())
-            labels.append(y)
+            token_mask = sequence_mask(y)  # sequences: every token is a probe sample
+            outputs.append(in_loss(student(x).float(), token_mask))
+            labels.append(in_loss(y, token_mask))
             if self.teacher is not None:
-                teacher.append(self.teacher(x).float())
+                teacher.append(in_loss(self.teacher(x).float(), token_mask))
         return torch.cat(outputs), torch.cat(labels), torch.cat(teacher) if teacher else None
 
     def _earlier_logits(self, number: int, student: nn.Module) -> Tensor:

@@ -16,14 +16,22 @@ from torch import Tensor, nn
 
 from smskd.store.checkpoint import atomic_save, load_state_dict
 
-SELECTION_KEY = "val_acc"
+
+def selection_score(record: dict[str, Any]) -> float | None:
+    """How good an epoch is on validation, higher better: its accuracy, or for a language
+    model (a record with ``val_ppl``) minus its loss — perplexity is what language models
+    are judged on, and next-token accuracy ignores the probability the rest receives.
+    None without a validation split."""
+    if record.get("val_ppl") is not None:
+        return -record["val_loss"]
+    return record.get("val_acc")
 
 
 def best_epoch(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The record of the epoch with the highest validation accuracy (the earliest of
-    equals), or None when the run has no validation split."""
-    scored = [r for r in records if r.get(SELECTION_KEY) is not None]
-    return max(scored, key=lambda r: r[SELECTION_KEY], default=None)
+    """The record of the epoch best on validation (:func:`selection_score`; the earliest
+    of equals), or None when the run has no validation split."""
+    scored = [r for r in records if selection_score(r) is not None]
+    return max(scored, key=selection_score, default=None)  # type: ignore[arg-type]
 
 
 class StageBest:
@@ -40,11 +48,11 @@ class StageBest:
         self.weights: dict[int, dict[str, Tensor]] = {}
         self.hashes: dict[int, str] = {}
 
-    def offer(self, stage: int, val_acc: float, student: nn.Module) -> None:
-        """Keep ``student`` if its ``val_acc`` beats stage ``stage``'s best so far."""
-        if stage in self.scores and val_acc <= self.scores[stage]:
+    def offer(self, stage: int, score: float, student: nn.Module) -> None:
+        """Keep ``student`` if its :func:`selection_score` beats stage ``stage``'s best so far."""
+        if stage in self.scores and score <= self.scores[stage]:
             return
-        self.scores[stage] = val_acc
+        self.scores[stage] = score
         self.weights[stage] = {k: v.detach().clone() for k, v in student.state_dict().items()}
 
     def finish(self, stage: int) -> None:
@@ -67,7 +75,7 @@ class StageBest:
             return
         chosen = best_epoch([r for r in records if r["stage"] == stage])
         if chosen is not None:
-            self.scores[stage] = chosen[SELECTION_KEY]
+            self.scores[stage] = selection_score(chosen)  # type: ignore[assignment]
 
     def of(self, stage: int) -> dict[str, Tensor]:
         """The best student of stage ``stage``, from memory or its file."""

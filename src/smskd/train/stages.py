@@ -50,7 +50,7 @@ from smskd.train.interrupt import RunStopped, StopRequest
 from smskd.train.progress import ProgressBar, Reporting
 from smskd.train.reference import make_reference
 from smskd.train.resume import Checkpoints, ResumePoint, restore_stage
-from smskd.train.selection import StageBest, best_epoch
+from smskd.train.selection import StageBest, best_epoch, selection_score
 from smskd.train.stage import BuiltStage, ScheduleSpan, build_stage, carry_student_state
 
 FORGETTING = "forgetting.json"
@@ -82,9 +82,14 @@ class RunResult:
         return max(r["test_acc"] for r in self.history)
 
     @property
+    def selected_record(self) -> dict[str, Any] | None:
+        """The record of the best validation epoch; None without a validation split."""
+        return best_epoch(self.history)
+
+    @property
     def selected_accuracy(self) -> float | None:
         """Test accuracy at the best validation epoch; None without a validation split."""
-        chosen = best_epoch(self.history)
+        chosen = self.selected_record
         return chosen["test_acc"] if chosen is not None else None
 
 
@@ -542,7 +547,7 @@ class _StageLoop:
         val = {}
         if t.val_data is not None:
             scores = evaluate(t.student, t.val_data, x.device, x.acceleration)
-            val = {"val_acc": scores["acc"], "val_loss": scores["loss"]}
+            val = {f"val_{key}": value for key, value in scores.items()}
         test = evaluate(t.student, t.eval_data, x.device, x.acceleration)
         self.reporting.end_epoch(
             {
@@ -553,13 +558,12 @@ class _StageLoop:
                 "lr": lr,
                 **{f"train_{key}": value for key, value in train.items()},
                 **val,
-                "test_acc": test["acc"],
-                "test_loss": test["loss"],
+                **{f"test_{key}": value for key, value in test.items()},
                 "epoch_time": time.perf_counter() - started,
             }
         )
         if self.stage_best is not None:
-            self.stage_best.offer(k + 1, val["val_acc"], t.student)
+            self.stage_best.offer(k + 1, selection_score(val), t.student)  # type: ignore[arg-type]
         if epoch + 1 == stage.epochs:
             self._save_stage_end(k, built)
         self._save(k, built, epoch + 1, None)
