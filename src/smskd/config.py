@@ -333,6 +333,14 @@ class DataConfig(_Strict):
         return self
 
     @property
+    def is_text(self) -> bool:
+        """Whether the dataset is token windows for language models."""
+        from smskd.data.registry import DATASETS
+
+        entry = DATASETS.get(self.name)
+        return entry is not None and entry.sequences
+
+    @property
     def has_validation(self) -> bool:
         """Whether runs get a validation split: ``val_split``, or the dataset's own."""
         from smskd.data.registry import DATASETS

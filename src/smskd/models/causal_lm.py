@@ -113,8 +113,18 @@ class CausalLM(nn.Module):
                 "positions (n_positions / max_position_embeddings)"
             )
         tapped = any(tap._forward_hooks for tap in self.attention)
+        config = self.lm.config
+        dropout = getattr(config, "attn_pdrop", 0.0) or getattr(config, "attention_dropout", 0.0)
+        if tapped and self.training and dropout:
+            # Eager attention returns the probabilities after dropout: zeros and 1/(1−p)
+            # scaling that no attention loss should match.
+            raise UserError(
+                f"the model's attention dropout is {dropout}, and its attention is matched "
+                "(lm-attention): set it to 0 (kwargs attn_pdrop: 0 for gpt2, "
+                "attention_dropout: 0 for llama; for hf-pretrained, save the model so)"
+            )
         wanted = "eager" if tapped else "sdpa"
-        if self.lm.config._attn_implementation != wanted:
+        if config._attn_implementation != wanted:
             self.lm.set_attn_implementation(wanted)
         return self.lm(input_ids=input_ids, use_cache=False, return_dict=True).logits
 

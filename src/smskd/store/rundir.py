@@ -89,6 +89,7 @@ RUN = Layout(
         "tensorboard/events.out.tfevents.*",
         *_MLFLOW,
         *(f"{HF_FOLDER}/{name}" for name in HF_FILES),
+        f".{HF_FOLDER}.*.tmp/**",  # an export a kill interrupted
     ),
     runs=("teacher", "teacher-[0-9]*"),
     # config.yaml alone could be a user's own config; a run also logs its epochs.

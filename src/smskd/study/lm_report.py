@@ -8,6 +8,7 @@ Everything is read from the runs: each epoch's ``val_ppl``/``test_ppl`` in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from smskd.study.results import RecipeResult, SweepResults
@@ -15,7 +16,8 @@ from smskd.study.stats import mean_std, paired_difference
 from smskd.train.selection import best_epoch
 
 SAMPLE_PROMPT = "KING.\n"
-SAMPLE_TOKENS = 160
+SAMPLED_ARCHITECTURES = ("gpt2", "llama")
+SAMPLE_TOKENS = 160  # at most: the model's context bounds the prompt and the sample
 SAMPLE_TEMPERATURE = 0.8
 
 
@@ -127,9 +129,17 @@ def sample(folder: Path, prompt: str = SAMPLE_PROMPT, seed: int = 0) -> str:
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
+    # A run directory is data (DESIGN.md §7): only the architectures smskd builds, and
+    # never a model's own code.
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type not in SAMPLED_ARCHITECTURES:
+        raise ValueError(f"model_type {model_type!r} is not one smskd builds")
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=False
+    ).eval()
     ids = torch.tensor([tokenizer.encode(prompt).ids])
+    context = model.config.max_position_embeddings  # positions beyond it were never trained
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(
@@ -138,7 +148,7 @@ def sample(folder: Path, prompt: str = SAMPLE_PROMPT, seed: int = 0) -> str:
             do_sample=True,
             temperature=SAMPLE_TEMPERATURE,
             top_k=0,
-            max_new_tokens=SAMPLE_TOKENS,
+            max_new_tokens=min(SAMPLE_TOKENS, context - ids.shape[1]),
             pad_token_id=0,
         )
     return tokenizer.decode(out[0].tolist())
@@ -150,12 +160,18 @@ def samples_section(run_dirs: dict[str, Path]) -> list[str]:
         "## Samples",
         "",
         f"Each model continues {SAMPLE_PROMPT!r}, sampled at temperature "
-        f"{SAMPLE_TEMPERATURE} from the full distribution, torch seed 0.",
+        f"{SAMPLE_TEMPERATURE} from the full distribution, torch seed 0: the weights of "
+        "the run's last epoch (`hf/`), where the tables take the best validation epoch.",
         "",
     ]
     for label, run_dir in run_dirs.items():
         folder = run_dir / "hf"
         if not (folder / "model.safetensors").is_file():
             continue
-        lines += [f"**{label}**", "", "```", sample(folder).rstrip(), "```", ""]
+        try:
+            text = sample(folder).rstrip()
+        except Exception as err:  # the folder is data: whatever is wrong with it, say so
+            lines += [f"**{label}**: no sample ({str(err).splitlines()[0][:200]})", ""]
+            continue
+        lines += [f"**{label}**", "", "```", text, "```", ""]
     return lines

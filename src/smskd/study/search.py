@@ -188,7 +188,12 @@ class Search:
             base = load_config(copy.deepcopy(raw), [*self.spec.set, f"seed={self.spec.seed}"])
         except UserError as err:
             raise UserError(f"{self.spec_path}: base config: {err}") from None
-        if base.data.val_split is None:
+        if base.data.is_text:
+            raise UserError(
+                f"{self.spec_path}: the search ranks plans by validation accuracy, not yet "
+                "by perplexity: it searches image classifiers only"
+            )
+        if not base.data.has_validation:
             raise UserError(
                 f"{self.spec_path}: the search chooses on the validation split, and the base "
                 "config has none; set data.val_split (e.g. 0.1) in it or in the spec's set:"

@@ -403,7 +403,12 @@ def _tune_runs(
         cfg = load_config(copy.deepcopy(base_raw), [*sweep.set, f"seed={seed}"])
     except (UserError, ValueError) as err:
         raise UserError(f"{where}: {err}") from None
-    if cfg.data.val_split is None:
+    if cfg.data.is_text:
+        raise UserError(
+            f"{where}: tune chooses β by validation accuracy, not yet perplexity: "
+            "drop tune: for a language-model sweep and set the weights in the recipes"
+        )
+    if not cfg.data.has_validation:
         raise UserError(
             f"{where}: tune chooses β on the validation split, and the base config has "
             "none; set data.val_split (e.g. 0.1) in it or in the sweep's set:"

@@ -205,6 +205,25 @@ def _remove(*taps: FeatureTaps | None) -> None:
             tap.remove()
 
 
+def _check_sequences(methods: list[DistillMethod], probe_batch: Any) -> None:
+    """Sequences (labels ``[B, T]``) take response methods, which see one row per token,
+    and the language-model feature methods, which mask padding; an image feature or
+    relation method would read padded positions as data. Images take no LM method."""
+    labels = probe_batch[1] if isinstance(probe_batch, (tuple, list)) else None
+    sequences = isinstance(labels, torch.Tensor) and labels.dim() > 1
+    for method in methods:
+        if sequences and method.family != "response" and not method.needs_sequences:
+            raise UserError(
+                f"method {method.name!r} is for images: on sequences it would average over "
+                "padding; use response methods (lm-kd, kd, ...), lm-hidden or lm-attention"
+            )
+        if not sequences and method.needs_sequences:
+            raise UserError(
+                f"method {method.name!r} matches a language model's per-token features; "
+                "these batches have one label per sample"
+            )
+
+
 def _setup_methods(
     models: StageModels,
     methods: list[DistillMethod],
@@ -216,6 +235,7 @@ def _setup_methods(
     """Size each method's helpers from one probe forward (no grad, BN statistics kept),
     after checking the batch against what the methods estimate they need; no forward
     when no method builds or estimates anything from it (KD, DKD...: nothing to size)."""
+    _check_sequences(methods, probe_batch)
     student = models.student
     if any(
         type(m).setup is not DistillMethod.setup
