@@ -184,7 +184,7 @@ def test_the_student_loads_in_plain_transformers_with_the_same_logits(staged_run
     ids = torch.tensor([tokenizer.encode("KING. What say you?").ids])
     student = result.student.eval()
     with torch.no_grad():
-        assert torch.allclose(loaded(ids).logits, student(ids), atol=1e-5)
+        assert torch.equal(loaded(ids).logits, student(ids))
     assert (out / "teacher" / "hf" / "model.safetensors").is_file()
 
 
