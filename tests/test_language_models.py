@@ -240,6 +240,7 @@ def test_a_language_model_sweep_reports_perplexity_and_samples(tmp_path) -> None
     chosen = min(records, key=lambda r: r["val_loss"])
     assert f"| {chosen['test_ppl']:.2f} |" in rows[0]
     assert "## Samples" in report and "**teacher gpt2**" in report and "**smskd**" in report
+    assert "| teacher gpt2 | labels only | 1 |" in report
     assert (out / "plots" / "perplexity.png").is_file()
 
 

@@ -180,10 +180,16 @@ def test_sweep_skips_finished_runs_and_resumes_an_interrupted_one(
     # CPU runs resume bit-identically: the same accuracies as the uninterrupted sweep.
     assert [r.final_acc for r in resumed] == [r.final_acc for r in reference]
     assert (out / "sweep.yaml").read_text() == path.read_text()
-    # A third call trains nothing at all.
+    # A third call trains nothing at all, and its index still lists the teachers.
+    teachers = json.loads((out / "index.json").read_text())["teachers"]
+    (out / "index.json").write_text(
+        json.dumps({**json.loads((out / "index.json").read_text()), "teachers": []})
+    )
     monkeypatch.setattr(engine, "step_loss", lambda *a: pytest.fail("trained again"))
     again = run_sweep(path, out, progress=False, log=lambda _m: None)
     assert [r.final_acc for r in again] == [r.final_acc for r in reference]
+    assert len(teachers) == 2
+    assert json.loads((out / "index.json").read_text())["teachers"] == teachers
 
 
 def test_sweep_cli_dry_run_lists_runs_and_bad_files_exit_2(tmp_path: Path, capsys) -> None:

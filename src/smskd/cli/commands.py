@@ -41,11 +41,14 @@ class Output:
 
 
 def _table(rows: list[dict[str, object]], columns: list[str]) -> str:
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    def cell(value: object) -> str:
+        return "–" if value is None else str(value)  # unknown (a model that needs options)
+
+    widths = [max(len(c), *(len(cell(r[c])) for r in rows)) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += [
-        "  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)) for r in rows
+        "  ".join(cell(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)) for r in rows
     ]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from smskd.store.tracking import MetricsLog
 from smskd.study.results import RecipeResult, SweepResults
 from smskd.study.stats import mean_std, paired_difference
 from smskd.train.selection import best_epoch
@@ -47,8 +48,11 @@ def _delta(a: dict[int, float], b: dict[int, float]) -> str:
     return f"{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]"
 
 
-def language_model_section(results: SweepResults, base: str) -> list[str]:
-    """Findings and the table of every recipe, for one base."""
+def language_model_section(
+    results: SweepResults, base: str, teachers: dict[str, Path] | None = None
+) -> list[str]:
+    """Findings and the table of every recipe, for one base; ``teachers``: label → run
+    directory of each teacher, listed first (their last epoch: what the students saw)."""
     recipes = [r for r in results.recipes if r.base == base and r.curves]
     ppl = {r.label: _selected(r, "test_ppl") for r in recipes}
     bpc = {r.label: _selected(r, "test_bpc") for r in recipes}
@@ -77,6 +81,13 @@ def language_model_section(results: SweepResults, base: str) -> list[str]:
         "| recipe | stages | seeds | " + " | ".join(headers) + " | time per run |",
         "|---|---|---:|" + "---:|" * len(headers) + "---:|",
     ]
+    for label, run_dir in (teachers or {}).items():
+        records = MetricsLog(run_dir / "metrics.jsonl").records
+        if records:
+            last = records[-1]
+            cells = [f"{last['val_ppl']:.2f}", f"{last['test_ppl']:.2f}", f"{last['test_bpc']:.3f}"]
+            dashes = " | ".join(["–"] * (len(headers) - 3))
+            lines.append(f"| {label} | labels only | 1 | {' | '.join(cells)} | {dashes} | – |")
     for recipe in recipes:
         deltas = ["–" if a is recipe else _delta(ppl[recipe.label], ppl[a.label]) for a in anchors]
         seconds = mean_std(list(recipe.wall_time.values()))[0] if recipe.wall_time else 0.0
@@ -88,8 +99,9 @@ def language_model_section(results: SweepResults, base: str) -> list[str]:
         )
     lines += [
         "",
-        "Every number is taken at the epoch with the lowest validation perplexity of its "
-        "run (validation plays; the test plays only report). ppl: perplexity per token; "
+        "Every student number is taken at the epoch with the lowest validation perplexity "
+        "of its run (validation plays; the test plays only report); a teacher's at its "
+        "last epoch, the weights the students learn from. ppl: perplexity per token; "
         "bpc: bits per character of the test text. Δ: paired by seed, mean [95% CI]; "
         f"the best single method ({best.label if best else '–'}) is chosen on validation.",
         "",
@@ -114,6 +126,7 @@ def curves_plot(results: SweepResults, base: str, path: Path) -> None:
     if staged is not None:
         for x in stage_boundaries(next(iter(staged.curves.values()))):
             ax.axvline(x, color="grey", linestyle="--", linewidth=1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("student epoch (all stages)")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")

@@ -223,10 +223,11 @@ def _write_language_model_report(
 ) -> Path:
     """A language-model sweep: perplexity and bits per character instead of accuracy."""
     several = len(results.bases()) > 1
+    teachers = {f"teacher {t['model']}": located(root, t["dir"]) for t in results.teachers()}
     for base in results.bases():
         if several:
             body += [f"## {base}", ""]
-        body += language_model_section(results, base)
+        body += language_model_section(results, base, teachers)
         if plots:
             try:
                 path = root / "plots" / (base if several else "") / "perplexity.png"
@@ -234,12 +235,12 @@ def _write_language_model_report(
                 body += [f"![validation perplexity]({path.relative_to(root).as_posix()})", ""]
             except UserError as err:
                 print(f"smskd report: plots skipped: {err}")
-    runs = {f"teacher {t['model']}": located(root, t["dir"]) for t in results.teachers()}
+    runs = dict(teachers)
     for run in results.index["runs"]:
         if run["seed"] == min(r["seed"] for r in results.index["runs"]) and not run.get("same_as"):
             runs.setdefault(run["label"], located(root, run["dir"]))
     body += samples_section(runs)
-    body += _provenance(results, root)
+    body += _provenance(results, root, language_model=True)
     report = root / "report.md"
     report.write_text("\n".join(body) + "\n")
     return report
@@ -339,10 +340,12 @@ REPORT_NOTES = (
 )
 
 
-def _provenance(results: SweepResults, root: Path) -> list[str]:
+def _provenance(results: SweepResults, root: Path, language_model: bool = False) -> list[str]:
+    """What made the numbers; ``language_model``: the table's own note says how they
+    are read, and a teacher's numbers are in the table."""
     index = results.index
     lines = ["## How these numbers were made", ""]
-    lines += [f"- {note}" for note in REPORT_NOTES]
+    lines += [f"- {note}" for note in ([] if language_model else REPORT_NOTES)]
     sweep_file = index.get("sweep_file", "?")
     lines.append(
         f"- Sweep file: `{sweep_file}` (copied to `sweep.yaml` here); base config(s): "
@@ -353,10 +356,11 @@ def _provenance(results: SweepResults, root: Path) -> list[str]:
     for base, info in index.get("sizes", {}).items():
         lines.append(f"- Sizes ({base}): {info}")
     for teacher in index.get("teachers", []):
+        accuracy = f"; test acc {teacher.get('final_acc', float('nan')):.2f}%"
         lines.append(
             f"- Teacher {teacher['model']}: trained once ({teacher.get('epochs')} epochs, "
-            f"`{Path(teacher['dir']).name}`), shared by every run; test acc "
-            f"{teacher.get('final_acc', float('nan')):.2f}%."
+            f"`{Path(teacher['dir']).name}`), shared by every run"
+            f"{'' if language_model else accuracy}."
         )
     commits = index.get("commits") or [index.get("commit", "unknown")]
     runs = [r for r in results.recipes for _ in r.final]

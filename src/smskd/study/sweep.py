@@ -573,6 +573,8 @@ class Sweep:
             old = json.loads(previous.read_text())
             self.commits = old.get("commits") or ([old["commit"]] if "commit" in old else [])
             self.sizes = dict(old.get("sizes") or {})
+            # A later invocation may train no teacher (all done): keep those listed.
+            self.teachers = {t["dir"]: t for t in old.get("teachers") or []}
 
     def _shared_teacher(
         self, cfg: RunConfig, _j: int, teacher: TeacherConfig
@@ -686,8 +688,18 @@ class Sweep:
         )
         # Teachers first, each once: every run after this only loads them.
         configs = {r.dir: self._with_teachers(r.config) for r in todo if r.config is not None}
+        for run in distinct:  # finished runs name theirs in their stored config (data)
+            stored = Path(run.dir) / "config.yaml"
+            if run.status == "done" and stored.is_file():
+                for teacher in read_stored_config(stored).all_teachers:
+                    if teacher.checkpoint is not None:
+                        self._list_teacher(teacher)
         for base in dict.fromkeys(r.base for r in todo):
             self.sizes[base] = describe_sizes([configs[r.dir] for r in todo if r.base == base])
+        for base in dict.fromkeys(r.base for r in distinct if r.base not in self.sizes):
+            sized = [r.config for r in distinct if r.base == base and r.config is not None]
+            if sized:  # a finished base written before its sizes were described
+                self.sizes[base] = describe_sizes(sized)
         self._write_index()
         spent: list[float] = []  # seconds per run trained by this call, for the ETA
         for position, run in enumerate(todo, 1):
@@ -820,7 +832,8 @@ def describe_sizes(configs: list[RunConfig]) -> str:
     cfg = max(configs, key=lambda c: len(c.stages))  # the SMSKD run: its stage split
     data = prepare_data(cfg.data, cfg.seed, torch.device("cpu"))
     test = len(data.test.labels) if hasattr(data.test, "labels") else "all"
-    val = f"{len(data.val.labels)} validation images, " if data.val is not None else ""
+    unit = "images" if data.corpus is None else f"windows of {data.corpus.seq_len} tokens"
+    val = f"{len(data.val.labels)} validation {unit}, " if data.val is not None else ""
     student = make_model(cfg.student.model, data)
     models = [f"student {cfg.student.model.label} ({parameter_count(student):,} parameters)"]
     teachers = {t.model.label: t.model for c in configs for t in c.all_teachers}
@@ -829,7 +842,7 @@ def describe_sizes(configs: list[RunConfig]) -> str:
         for name, spec in teachers.items()
     ]
     return (
-        f"{cfg.data.name}, {data.num_train} training images, {val}{test} test images, batch "
+        f"{cfg.data.name}, {data.num_train} training {unit}, {val}{test} test {unit}, batch "
         f"{cfg.data.batch_size}; {', '.join(models)}; {cfg.total_epochs} student epochs "
         f"per recipe ({' + '.join(str(s.epochs) for s in cfg.stages)} in SMSKD)"
     )
