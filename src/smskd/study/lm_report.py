@@ -110,7 +110,7 @@ def language_model_section(
 
 
 def curves_plot(results: SweepResults, base: str, path: Path) -> None:
-    from smskd.study.plots import _save, require_matplotlib, stage_boundaries
+    from smskd.study.plots import require_matplotlib, save_figure, stage_boundaries
 
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -133,7 +133,7 @@ def curves_plot(results: SweepResults, base: str, path: Path) -> None:
     ax.set_title(f"{base}: validation perplexity per epoch (mean over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def sample(folder: Path, prompt: str = SAMPLE_PROMPT, seed: int = 0) -> str:

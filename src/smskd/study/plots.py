@@ -82,7 +82,7 @@ def _curves(plt: Any, results: SweepResults, base: str, path: Path) -> None:
     ax.set_title(f"{base}: test accuracy per epoch (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _bars(ax: Any, recipes: list[RecipeResult], title: str) -> None:
@@ -111,7 +111,7 @@ def _final(plt: Any, results: SweepResults, base: str, path: Path) -> None:
         ax.text(
             -0.4, teacher["final_acc"], f"teacher {teacher['model']}", color="tab:red", fontsize=7
         )
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _ablations(plt: Any, results: SweepResults, base: str, path: Path) -> bool:
@@ -122,7 +122,7 @@ def _ablations(plt: Any, results: SweepResults, base: str, path: Path) -> bool:
     for ax, group in zip(axes[0], groups, strict=True):
         _bars(ax, results.of(base, group), group)
     fig.suptitle(f"{base}: ablations (last-epoch accuracy, std over seeds)")
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -176,7 +176,7 @@ def _weights(plt: Any, results: SweepResults, base: str, path: Path) -> bool:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("fraction of samples")
     fig.suptitle(f"{base}: reference weights per stage (training samples, all epochs and seeds)")
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -213,11 +213,11 @@ def _forgetting(plt: Any, results: SweepResults, base: str, path: Path) -> bool:
         ax.set_yticks(range(len(rows)), [f"end of {r}" for r in rows], fontsize=8)
         ax.set_title(f"{recipe.label} ({len(recipe.forgetting)} seeds)", fontsize=9)
     fig.suptitle(f"{base}: forgetting on the validation probe (colour: per measure, shared)")
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
