@@ -127,6 +127,10 @@ def test_aggregation_by_hand(sweep_dir: Path) -> None:
     # Headline sentences say what was measured, including a non-win.
     headline = "vs joint: Δ last-epoch accuracy +1.00 [-1.48, +3.48] over 3 paired seeds — no "
     assert headline in report
+    # Each ablation against the default run, in words: ref-none -3 [-15.71, +9.71].
+    ablation = "reference against the default SMSKD run (smskd), Δ last-epoch accuracy: "
+    assert f"{ablation}no difference detectable — ref-none -3.00 [-15.71, +9.71]." in report
+    assert "stages against the default" not in report  # stages-2 is the default's own runs
     assert "commit(s) `abc1234`" in report and "configs/sweeps/fake.yaml" in report
     assert "*best epoch* is the best of all epochs on the test split" in report
 

@@ -134,6 +134,28 @@ def comparison_table(results: SweepResults, base: str, group: str) -> str:
     return "\n".join(lines)
 
 
+def _against_default(smskd: RecipeResult, recipes: list[RecipeResult], group: str) -> list[str]:
+    """One sentence per ablation group: each variant against the default SMSKD run on
+    the seeds both have — which of them changes the result, and which does not."""
+    clear, unclear = [], []
+    for recipe in recipes:
+        if smskd.label in (recipe.label, recipe.same_as):
+            continue
+        diff = paired_difference(recipe.final, smskd.final)
+        if diff is None or diff.low is None:
+            continue
+        text = f"{recipe.label} {_diff_text(diff)}"
+        (clear if diff.verdict in ("higher", "lower") else unclear).append(text)
+    if not clear and not unclear:
+        return []
+    said = f"{group} against the default SMSKD run ({smskd.label}), Δ last-epoch accuracy: "
+    if clear:
+        said += f"different — {'; '.join(clear)}"
+    if unclear:
+        said += ("; " if clear else "") + f"no difference detectable — {'; '.join(unclear)}"
+    return [said + "."]
+
+
 def findings(results: SweepResults, base: str) -> list[str]:
     """Plain sentences for the headline comparisons, from the paired 95% CIs."""
     out = []
@@ -175,6 +197,8 @@ def findings(results: SweepResults, base: str) -> list[str]:
                 f"{bottom.label} ({_mean_std_text(bottom.final)}); best − worst "
                 f"{_diff_text(diff)} — {verdict}."
             )
+        if smskd is not None:
+            out += _against_default(smskd, ranked, group)
     if smskd is not None:
         weights = [
             r["train_ref_weight_mean"]
