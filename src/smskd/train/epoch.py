@@ -22,6 +22,7 @@ from smskd.errors import UserError
 from smskd.methods.base import DistillMethod, Outputs
 from smskd.models.taps import FeatureTaps
 from smskd.store.checkpoint import set_rng_state
+from smskd.train import distributed
 from smskd.train.acceleration import Acceleration, as_float
 from smskd.train.distributed import all_reduce_sum
 from smskd.train.output_cache import CachedOutputs, cache_outputs
@@ -217,6 +218,19 @@ def step_loss(
     return total, {k: v.detach() for k, v in terms.items()}
 
 
+def token_share(labels: Tensor) -> Tensor | None:
+    """Under DDP, for sequences: this rank's share of the step's tokens times the number
+    of ranks. DDP averages the ranks' gradients, and each rank's loss is a mean over its
+    own tokens, which padding makes unequal; weighed by its share, the step is that of
+    the mean over every rank's tokens, as one process with the global batch takes it.
+    None in one process and for one label per sample (equal counts)."""
+    if labels.dim() < 2 or not distributed.current().enabled:
+        return None
+    tokens = (labels != IGNORE_INDEX).sum().float()
+    every_rank = all_reduce_sum(tokens.clone()).clamp_min(1.0)
+    return tokens * distributed.current().world_size / every_rank
+
+
 @dataclass
 class EpochProgress:
     """A partly done epoch: enough to resume it exactly, metrics included."""
@@ -280,6 +294,8 @@ def train_epoch(
             continue
         x, y, index = unpack_batch(batch, device)
         total, terms = step_loss(models, objective, x, y, index)
+        share = token_share(y)
+        loss = total if share is None else total * share
         progress.steps += 1
         finite = torch.isfinite(total)
         if nonfinite == "skip" and not finite.item():
@@ -293,10 +309,10 @@ def train_epoch(
                 progress._bad_step = torch.where(~finite & (earlier < 0), step, earlier)
             optimizer.zero_grad(set_to_none=True)
             if scaler is None:
-                total.backward()
+                loss.backward()
                 optimizer.step()
             else:  # skips the step (and lowers the scale) when a gradient overflowed
-                scaler.scale(total).backward()
+                scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             for key, value in terms.items():
