@@ -354,3 +354,30 @@ def test_tuning_and_search_refuse_text_in_one_line(tmp_path, capsys) -> None:
     (tmp_path / "search.yaml").write_text(json.dumps(spec))
     with pytest.raises(UserError, match="searches image classifiers only"):
         Search(load_search(tmp_path / "search.yaml"), tmp_path / "search.yaml", tmp_path / "s")
+
+
+def test_forgetting_weighs_every_probe_token_alike() -> None:
+    """Two probe batches, one mostly padding: a method's loss on the probe is the mean
+    over all their tokens, not the mean of the two batch means."""
+    from smskd.train.forgetting import ForgettingProbe
+
+    student, teacher = tiny(1, 8, 1).eval(), tiny(2, 16, 2).eval()
+    full, sparse = padded_batch(), padded_batch()
+    sparse[1][:, 1:] = IGNORE_INDEX  # one token in the loss per sequence
+    batches = [(*full, torch.arange(2)), (*sparse, torch.arange(2))]
+    probe = ForgettingProbe(
+        batches, [Stage(methods=["lm-kd"], epochs=1)], teacher, torch.device("cpu")
+    )
+    measured = probe.finished(1, student, [])["measures"]["loss:lm-kd"]
+    per_token = []
+    with torch.no_grad():
+        for x, y, _ in batches:
+            mask = y != IGNORE_INDEX
+            s, t = student(x)[mask], teacher(x)[mask]
+            per_token.append((F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum(1))
+    every_token = torch.cat(per_token)
+    assert len(every_token) == 12
+    assert measured == pytest.approx(every_token.mean().item(), rel=1e-5)
+    assert measured != pytest.approx(
+        (per_token[0].mean() + per_token[1].mean()).item() / 2, rel=1e-3
+    )

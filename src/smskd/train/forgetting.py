@@ -166,7 +166,10 @@ class ForgettingProbe:
                 for batch in self.batches:
                     x, y, index = unpack_batch(batch, self.device)
                     out = forward_outputs(built.models, x, y, index)
+                    # Images: equal batches, a mean of batch means. Sequences: batches
+                    # hold different numbers of tokens, so every token weighs the same.
+                    weight = 1 if out.token_mask is None else len(out.labels)
                     for name, method in usable.items():
-                        sums[name] += method.loss(out).mean().item()
-                    count += 1
+                        sums[name] += method.loss(out).mean().item() * weight
+                    count += weight
         return {name: (sums[name] / count if name in usable else None) for name in names}
