@@ -22,7 +22,7 @@ from smskd.config import ReferenceConfig, Stage, load_config
 from smskd.data.memory import InMemoryLoader
 from smskd.data.text import IGNORE_INDEX, load_shakespeare
 from smskd.errors import UserError
-from smskd.experiment import distill
+from smskd.experiment import distill, evaluate_checkpoint
 from smskd.models.registry import build_model
 from smskd.store import rundir
 from smskd.train.epoch import evaluate, step_loss
@@ -171,6 +171,10 @@ def test_a_staged_run_records_perplexity_chosen_on_validation(staged_run) -> Non
     assert result.selected_record == chosen
     rows = json.loads((out / "forgetting.json").read_text())["rows"]
     assert [row["stage"] for row in rows] == [1, 2]
+    # `smskd eval` on the saved student: the last epoch's test numbers again.
+    scores = evaluate_checkpoint(out / "student.pt", device="cpu")
+    last = result.history[-1]
+    assert (scores["ppl"], scores["bpc"]) == pytest.approx((last["test_ppl"], last["test_bpc"]))
     assert "loss:lm-attention" in rows[1]["measures"]
 
 

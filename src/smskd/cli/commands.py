@@ -221,7 +221,10 @@ def cmd_eval(args: argparse.Namespace) -> Output:
         args.device,
         trust_code=args.trust_code,
     )
-    return Output(f"test acc {metrics['acc']:.2f}%  test loss {metrics['loss']:.4f}", metrics)
+    said = f"test acc {metrics['acc']:.2f}%  test loss {metrics['loss']:.4f}"
+    if "ppl" in metrics:  # a language model: per token, and bits per character
+        said += f"  perplexity {metrics['ppl']:.2f}  bpc {metrics.get('bpc', float('nan')):.3f}"
+    return Output(said, metrics)
 
 
 def cmd_export(args: argparse.Namespace) -> Output:
