@@ -85,9 +85,12 @@ def language_model_section(
         records = MetricsLog(run_dir / "metrics.jsonl").records
         if records:
             last = records[-1]
-            cells = [f"{last['val_ppl']:.2f}", f"{last['test_ppl']:.2f}", f"{last['test_bpc']:.3f}"]
-            dashes = " | ".join(["–"] * (len(headers) - 3))
-            lines.append(f"| {label} | labels only | 1 | {' | '.join(cells)} | {dashes} | – |")
+            cells = [
+                "–" if last.get(key) is None else f"{last[key]:.{digits}f}"
+                for key, digits in (("val_ppl", 2), ("test_ppl", 2), ("test_bpc", 3))
+            ]
+            cells += ["–"] * (len(headers) - 3) + ["–"]  # no Δ, no student time
+            lines.append(f"| {label} | labels only | 1 | {' | '.join(cells)} |")
     for recipe in recipes:
         deltas = ["–" if a is recipe else _delta(ppl[recipe.label], ppl[a.label]) for a in anchors]
         seconds = mean_std(list(recipe.wall_time.values()))[0] if recipe.wall_time else 0.0

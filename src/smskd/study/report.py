@@ -380,11 +380,11 @@ def _provenance(results: SweepResults, root: Path, language_model: bool = False)
     for base, info in index.get("sizes", {}).items():
         lines.append(f"- Sizes ({base}): {info}")
     for teacher in index.get("teachers", []):
-        accuracy = f"; test acc {teacher.get('final_acc', float('nan')):.2f}%"
+        known = teacher.get("final_acc")  # None: a checkpoint without its run beside it
+        accuracy = "" if language_model or known is None else f"; test acc {known:.2f}%"
         lines.append(
             f"- Teacher {teacher['model']}: trained once ({teacher.get('epochs')} epochs, "
-            f"`{Path(teacher['dir']).name}`), shared by every run"
-            f"{'' if language_model else accuracy}."
+            f"`{Path(teacher['dir']).name}`), shared by every run{accuracy}."
         )
     commits = index.get("commits") or [index.get("commit", "unknown")]
     runs = [r for r in results.recipes for _ in r.final]

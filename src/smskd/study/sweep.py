@@ -573,8 +573,6 @@ class Sweep:
             old = json.loads(previous.read_text())
             self.commits = old.get("commits") or ([old["commit"]] if "commit" in old else [])
             self.sizes = dict(old.get("sizes") or {})
-            # A later invocation may train no teacher (all done): keep those listed.
-            self.teachers = {t["dir"]: t for t in old.get("teachers") or []}
 
     def _shared_teacher(
         self, cfg: RunConfig, _j: int, teacher: TeacherConfig

@@ -298,7 +298,9 @@ def train_epoch(
         loss = total if share is None else total * share
         progress.steps += 1
         finite = torch.isfinite(total)
-        if nonfinite == "skip" and not finite.item():
+        # Decided by every rank together: a rank that skipped alone would miss the
+        # others' gradient all-reduce and fall out of step with them.
+        if nonfinite == "skip" and distributed.any_rank(not finite.item(), total.device):
             progress.skipped += 1
         else:
             if nonfinite != "skip" and progress.first_nonfinite is None:
@@ -316,6 +318,8 @@ def train_epoch(
                 scaler.step(optimizer)
                 scaler.update()
             for key, value in terms.items():
+                if share is not None:  # logged as the mean over every rank's tokens, too
+                    value = value * share
                 progress.sums[key] = progress.sums[key] + value if key in progress.sums else value
         if on_step is not None:
             on_step(terms)
