@@ -15,7 +15,7 @@ from smskd.data.augment import Augment
 from smskd.data.memory import ArrayDataset, ArraySplit, InMemoryLoader
 from smskd.errors import UserError
 from smskd.models.convnet import ConvNet
-from smskd.store.checkpoint import safe_load
+from smskd.store.checkpoint import atomic_save, safe_load
 from smskd.train.acceleration import Acceleration
 from smskd.train.epoch import StageObjective, step_loss
 from smskd.train.output_cache import cache_outputs
@@ -148,8 +148,7 @@ def run(loaders, performance: dict, stages: list[Stage] | None = None, **kwargs)
         stages,
         *loaders,
         performance=PerformanceConfig(**performance),
-        **QUIET,
-        **kwargs,
+        **{**QUIET, **kwargs},
     )
 
 
@@ -226,28 +225,138 @@ def test_cache_skips_the_teacher_and_reference_forwards(loaders, monkeypatch) ->
 
     monkeypatch.setattr(ConvNet, "forward", counting)
     run(loaders, {"cache_teacher": True})
-    # The cache pass of each stage (128 samples, 256 a batch) and FitNets' probe batch.
-    assert calls["teacher"] == 3
+    # Each stage's cache pass (128 samples, 256 a batch) and its 2-sample shape probe,
+    # and FitNets' probe batch.
+    assert calls["teacher"] == 5
 
 
-def test_cache_refuses_augmented_and_streamed_data_and_a_small_limit(loaders) -> None:
+def augmented_loaders() -> tuple[InMemoryLoader, InMemoryLoader]:
     data = array_dataset()
-    augmented = InMemoryLoader(data.train, data, 32, shuffle=True, augment=Augment(2, True))
-    with pytest.raises(UserError, match="augment"):
-        run((augmented, loaders[1]), {"cache_teacher": True})
+    augment = Augment(crop_padding=1, flip=True)  # 18 views of each image
+    train = InMemoryLoader(data.train, data, 32, shuffle=True, seed=0, augment=augment)
+    return train, InMemoryLoader(data.test, data, 64, shuffle=False)
+
+
+def test_a_shared_cache_reproduces_an_augmented_run(tmp_path) -> None:
+    """With augmentation every step reads the teacher's outputs on the view the loader
+    drew; the run is the one the teacher's forwards give."""
+    stages = [
+        Stage(methods=["kd"], epochs=2, optimizer={"lr": 0.05}),
+        Stage(methods=["rkd"], epochs=2, optimizer={"lr": 0.05}),
+    ]
+    plain = run(augmented_loaders(), {}, stages)
+    cached = {"cache_teacher": True, "cache_dir": str(tmp_path / "outputs")}
+    lines: list[str] = []
+    fast = run(augmented_loaders(), cached, stages, log=lines.append)
+    for key, value in plain.student.state_dict().items():
+        torch.testing.assert_close(fast.student.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    for a, b in zip(plain.history, fast.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    # One pass over the 18 views, in the kd stage: it keeps the logits and the teacher's
+    # embedding, which the rkd stage reads without a second pass.
+    folders = [f for f in (tmp_path / "outputs").iterdir() if f.is_dir()]
+    assert len(folders) == 1 and (folders[0] / "about.json").is_file()
+    assert len(list(folders[0].glob("view-*/logits.pt"))) == 18
+    assert len(list(folders[0].glob("view-*/*.pt"))) == 36
+    assert sum("computed" in line for line in lines) == 18
+
+
+def test_a_second_run_reads_the_shared_outputs_and_another_teacher_gets_its_own(
+    tmp_path, monkeypatch
+) -> None:
+    cached = {"cache_teacher": True, "cache_dir": str(tmp_path)}
+    stages = [Stage(methods=["kd"], epochs=1, optimizer={"lr": 0.05})]
+    run(augmented_loaders(), cached, stages)
+    calls = {"teacher": 0}
+    run_teacher = ConvNet.forward
+
+    def counting(self, x):
+        calls["teacher"] += self.block1[0].out_channels == 8
+        return run_teacher(self, x)
+
+    monkeypatch.setattr(ConvNet, "forward", counting)
+    lines: list[str] = []
+    run(augmented_loaders(), cached, stages, log=lines.append)
+    assert calls["teacher"] == 1  # the 2-sample shape probe only: 18 views read, none computed
+    assert not any("computed" in line for line in lines)
+    student, teacher = net(1, (4, 8, 8)), net(9, (8, 16, 16))  # other weights
+    run_stages(
+        student,
+        teacher,
+        stages,
+        *augmented_loaders(),
+        performance=PerformanceConfig(**cached),
+        progress=False,
+        log=lines.append,
+    )
+    assert len([f for f in tmp_path.iterdir() if f.is_dir()]) == 2
+    assert sum("computed" in line for line in lines) == 18
+
+
+def test_a_damaged_shared_output_is_one_line_naming_the_folder(tmp_path) -> None:
+    cached = {"cache_teacher": True, "cache_dir": str(tmp_path)}
+    stages = [Stage(methods=["kd"], epochs=1, optimizer={"lr": 0.05})]
+    run(augmented_loaders(), cached, stages)
+    damaged = next(tmp_path.glob("*/view-003/logits.pt"))
+    damaged.write_bytes(b"not what smskd wrote")
+    with pytest.raises(UserError, match=r"checksum|sha256|does not match"):
+        run(augmented_loaders(), cached, stages)
+    wrong = next(tmp_path.glob("*/view-004/logits.pt"))
+    wrong.unlink()
+    wrong.with_name("logits.pt.sha256").unlink()
+    atomic_save(torch.zeros(128, 5), wrong)  # 5 classes where the teacher has 3
+    damaged.unlink()  # recomputed
+    damaged.with_name("logits.pt.sha256").unlink()
+    with pytest.raises(UserError, match=rf"does not hold.*delete {damaged.parent.parent}"):
+        run(augmented_loaders(), cached, stages)
+
+
+def test_a_cache_directory_is_not_taken_from_someone_else(tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    cached = {"cache_teacher": True, "cache_dir": str(tmp_path)}
+    with pytest.raises(UserError, match="not an smskd directory"):
+        run(augmented_loaders(), cached, [Stage(methods=["kd"], epochs=1)])
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_cache_refuses_augmented_without_a_directory_and_streamed_data(loaders) -> None:
+    with pytest.raises(UserError, match="cache_dir"):
+        run(augmented_loaders(), {"cache_teacher": True})
+    data = array_dataset()
     x, y = data.train.images.float(), data.train.labels
     streamed = DataLoader(TensorDataset(x, y, torch.arange(len(y))), batch_size=32)
     with pytest.raises(UserError, match="in-memory training set"):
         run((streamed, loaders[1]), {"cache_teacher": True})
-    with pytest.raises(UserError, match="cache_max_gib"):
-        run(loaders, {"cache_teacher": True, "cache_max_gib": 1e-6})
+
+
+def test_outputs_beyond_the_limit_run_the_teacher_instead(loaders) -> None:
+    lines: list[str] = []
+    plain = run(loaders, {})
+    small = run(loaders, {"cache_teacher": True, "cache_max_gib": 1e-6}, log=lines.append)
+    assert any("cache_max_gib: the teacher runs every step" in line for line in lines)
+    assert plain.history[-1]["train_loss"] == small.history[-1]["train_loss"]
+
+
+def test_the_cache_settings_are_not_part_of_the_experiment() -> None:
+    raw = {
+        "data": {"name": "digits"},
+        "teacher": {"model": "convnet-s"},
+        "student": {"model": "convnet-xs"},
+        "stages": [{"methods": ["kd"], "epochs": 1}],
+    }
+    plain = load_config(raw)
+    cached = load_config({**raw, "performance": {"cache_teacher": True, "cache_dir": "c"}})
+    assert cached.to_yaml() != plain.to_yaml()
+    assert cached.experiment_yaml() == plain.experiment_yaml()
+    bf16 = load_config({**raw, "performance": {"precision": "bf16"}})
+    assert bf16.experiment_yaml() != plain.experiment_yaml()
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"name": "cifar10"}, "augmented"),  # crop+flip by default
-        ({"name": "digits", "augment": True}, "augmented"),
+        ({"name": "cifar10"}, "cache_dir"),  # crop+flip by default
+        ({"name": "digits", "augment": True}, "cache_dir"),
         ({"name": "image-folder", "augment": False}, "in_memory: true"),
     ],
 )
@@ -261,6 +370,8 @@ def test_config_refuses_a_cache_that_cannot_hold(data, message) -> None:
     }
     with pytest.raises(UserError, match=message):
         load_config(raw)
+    if message == "cache_dir":  # augmented: the views are shared through a directory
+        load_config({**raw, "performance": {"cache_teacher": True, "cache_dir": "outputs"}})
     raw["performance"] = {"cache_teacher": False}
     load_config(raw)
 
@@ -280,3 +391,63 @@ def test_deepcopy_of_a_prepared_model_keeps_channels_last() -> None:
     copied = copy.deepcopy(model)
     weight = copied.block1[0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
+TWO_WORKERS = """
+import sys, time, torch
+import smskd.train.output_cache as output_cache
+from smskd.data.augment import Augment
+from smskd.data.memory import InMemoryLoader
+from smskd.train.acceleration import Acceleration
+from tests.test_acceleration import array_dataset, net
+
+slow = output_cache._view_outputs
+def slowed(*args, **kwargs):
+    time.sleep(0.15)  # long enough for the two processes to overlap
+    return slow(*args, **kwargs)
+output_cache._view_outputs = slowed
+output_cache.WAIT_SECONDS = 0.05
+data = array_dataset()
+train = InMemoryLoader(data.train, data, 32, shuffle=True, augment=Augment(1, True))
+cache = output_cache.cache_outputs(
+    net(2, (8, 16, 16)), None, train, Acceleration("cpu"), max_bytes=2**30,
+    directory=output_cache.Path(sys.argv[1]), log=print,
+)
+torch.save(cache.logits, sys.argv[2])
+"""
+
+
+@pytest.mark.slow  # ~8 s: two Python processes
+def test_two_processes_share_the_views_without_computing_one_twice(tmp_path) -> None:
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_WORKERS, str(tmp_path / "shared"), str(tmp_path / f"{w}")],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(2)
+    ]
+    logs = [w.communicate(timeout=120)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), logs
+    computed = [int(v) for log in logs for v in re.findall(r"on view (\d+) of 18", log)]
+    assert sorted(computed) == list(range(1, 19))  # each view once, by one of the two
+    assert torch.equal(torch.load(tmp_path / "0"), torch.load(tmp_path / "1"))
+
+
+def test_a_stop_while_the_views_are_computed_stops_there(tmp_path, monkeypatch) -> None:
+    """SIGINT/SIGTERM are read between views: filling a large cache takes long."""
+    from smskd.train.interrupt import RunStopped, StopRequest
+
+    monkeypatch.setattr(StopRequest, "requested", property(lambda self: True))
+    monkeypatch.setattr(StopRequest, "name", property(lambda self: "SIGTERM"))
+    cached = {"cache_teacher": True, "cache_dir": str(tmp_path / "outputs")}
+    with pytest.raises(RunStopped, match="while computing the teacher's outputs"):
+        run(augmented_loaders(), cached, [Stage(methods=["kd"], epochs=1)])
+    assert not list((tmp_path / "outputs").glob("*/view-*/*.pt"))

@@ -180,7 +180,18 @@ def test_sweep_skips_finished_runs_and_resumes_an_interrupted_one(
     # CPU runs resume bit-identically: the same accuracies as the uninterrupted sweep.
     assert [r.final_acc for r in resumed] == [r.final_acc for r in reference]
     assert (out / "sweep.yaml").read_text() == path.read_text()
-    # A third call trains nothing at all, and its index still lists the teachers.
+    # A third call trains nothing at all, and its index still lists the teachers, also
+    # when they were trained before a config key existed: the key is absent from their
+    # configs, and the name today's configs hash to is another.
+    for folder in (out / "teachers").iterdir():
+        stored = folder / "config.yaml"
+        stored.write_text(stored.read_text().replace("  cache_dir: null\n", ""))
+    import smskd.study.sweep as sweep_module
+
+    today = sweep_module.yaml.safe_dump
+    monkeypatch.setattr(
+        sweep_module.yaml, "safe_dump", lambda *a, **k: today(*a, **k) + "new_key: 1\n"
+    )
     teachers = json.loads((out / "index.json").read_text())["teachers"]
     (out / "index.json").write_text(
         json.dumps({**json.loads((out / "index.json").read_text()), "teachers": []})

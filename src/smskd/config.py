@@ -382,10 +382,17 @@ class PerformanceConfig(_Strict):
     gradient scaler); losses stay fp32. ``channels_last``: NHWC weights and inputs
     (faster convolutions on GPUs and recent CPUs). ``compile``: ``torch.compile`` each
     stage's forwards (the first steps of every stage pay for compiling).
-    ``cache_teacher``: without augmentation a training image is the same every epoch,
-    so the teacher's outputs (and, from stage 2, the frozen reference's logits) are
-    computed once per stage and read from memory afterwards; it needs an in-memory
-    dataset and ``augment`` off, and holds at most ``cache_max_gib`` GiB.
+    ``cache_teacher``: the teacher's outputs on every training image are computed once
+    and read from memory at every step instead of a teacher forward (bit for bit the
+    same outputs). Without augmentation that is done once per stage (and, from stage 2,
+    for the frozen reference's logits too). With crop/flip augmentation an image is
+    one of a few dozen views (50 for padding 2 with flips), more than a run has epochs,
+    so the outputs on every view are kept in ``cache_dir`` and shared by every run with
+    the same teacher and training images: a sweep's runs, and several workers at once,
+    compute them once together. It needs an in-memory dataset; a stage whose outputs
+    (logits plus the features its methods tap) need more than ``cache_max_gib`` GiB
+    runs the teacher as usual. Neither setting changes what a run computes, so a run
+    may be resumed with them changed.
     """
 
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -393,6 +400,19 @@ class PerformanceConfig(_Strict):
     compile: bool = False
     cache_teacher: bool = False
     cache_max_gib: float = Field(default=4.0, gt=0)
+    cache_dir: str | None = None
+
+    def without_cache(self) -> PerformanceConfig:
+        """These switches with the cache's settings at their defaults: what a run
+        computes is the same either way."""
+        default = PerformanceConfig()
+        return self.model_copy(
+            update={
+                "cache_teacher": default.cache_teacher,
+                "cache_max_gib": default.cache_max_gib,
+                "cache_dir": default.cache_dir,
+            }
+        )
 
 
 class TrackingConfig(_Strict):
@@ -541,11 +561,12 @@ class RunConfig(_Strict):
         return self
 
     def _cacheable(self) -> None:
-        if self.data.training_augment() is not None:
+        if self.data.training_augment() is not None and self.performance.cache_dir is None:
             raise ValueError(
                 "performance.cache_teacher: the training images are augmented, so the "
-                "teacher sees a new image every epoch; set data.augment: false or turn "
-                "the cache off"
+                "teacher's outputs on every view of them are more than one run needs; set "
+                "performance.cache_dir to a directory the runs with this teacher share, "
+                "set data.augment: false, or turn the cache off"
             )
         if self.data.name == "image-folder" and not self.data.options.get("in_memory"):
             raise ValueError(
@@ -577,6 +598,12 @@ class RunConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.dump(self.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)
+
+    def experiment_yaml(self) -> str:
+        """The YAML of what the run computes: without the output cache's settings, which
+        change how fast it goes, never its numbers (a run resumes, and a sweep reuses a
+        finished run, with them changed)."""
+        return self.model_copy(update={"performance": self.performance.without_cache()}).to_yaml()
 
 
 # --------------------------------------------------------------------------- loading

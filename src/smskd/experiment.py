@@ -281,27 +281,28 @@ def _prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
     distributed.barrier()
 
 
-def _claim_config(out: Path, cfg_yaml: str, resume: bool) -> None:
+def _claim_config(out: Path, cfg: RunConfig, resume: bool) -> None:
     """Write the run's resolved config; on resume, insist it is the one already there."""
     saved = out / "config.yaml"
-    if resume and saved.exists() and not _same_config(saved, cfg_yaml):
+    if resume and saved.exists() and not _same_config(saved, cfg):
         raise UserError(
             f"{out} holds a run with a different config; pass --force to start over "
             "or choose another --out"
         )
     distributed.barrier()  # every rank has compared before rank 0 writes
     if distributed.current().is_main:
-        saved.write_text(cfg_yaml)
+        saved.write_text(cfg.to_yaml())
     distributed.barrier()
 
 
-def _same_config(saved: Path, cfg_yaml: str) -> bool:
-    """Whether ``saved`` holds the run ``cfg_yaml`` describes, as the schema reads it: a
-    run directory written before a key existed (it has the default) still resumes."""
-    if saved.read_text() == cfg_yaml:
+def _same_config(saved: Path, cfg: RunConfig) -> bool:
+    """Whether ``saved`` holds the run ``cfg`` describes, as the schema reads it: a run
+    directory written before a key existed (it has the default) still resumes, and so
+    does one written with other output-cache settings."""
+    if saved.read_text() == cfg.to_yaml():
         return True
     try:
-        return read_stored_config(saved).to_yaml() == cfg_yaml
+        return read_stored_config(saved).experiment_yaml() == cfg.experiment_yaml()
     except UserError:
         return False
 
@@ -332,7 +333,7 @@ def train_teacher(
     teacher = make_model(cfg.teacher.model, data)
     with _locked(out, device):
         _prepare_run_dir(out, resume, force)
-        _claim_config(out, teacher_cfg.to_yaml(), resume)
+        _claim_config(out, teacher_cfg, resume)
         result = run_stages(
             teacher,
             None,
@@ -514,7 +515,7 @@ def distill(
         for module, before, after in zip(teachers, planned, cfg.all_teachers, strict=True):
             if before.checkpoint is None:
                 load_weights(module, after.checkpoint, "teacher")
-        _claim_config(out, cfg.to_yaml(), resume)
+        _claim_config(out, cfg, resume)
         if cfg.sync_batchnorm and dist.enabled:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         result = run_stages(
@@ -566,11 +567,14 @@ def export_language_model(model: nn.Module, data: Data, out: Path) -> None:
 
 def _tracking(cfg: RunConfig, root: str | Path) -> dict[str, Any]:
     """run_stages' tracking arguments: the config's, with the MLflow store resolved
-    against ``root``, and the whole resolved config as hyper-parameters."""
+    against ``root``, and the whole resolved config as hyper-parameters (which the
+    checkpoints record too, so without the output cache's settings: a run resumes with
+    them changed)."""
     tracking = cfg.tracking
     if "mlflow" in tracking.backends:
         tracking = tracking.model_copy(update={"mlflow_uri": tracking.mlflow_store_uri(root)})
-    return {"tracking": tracking, "hparams": cfg.model_dump(mode="json")}
+    experiment = cfg.model_copy(update={"performance": cfg.performance.without_cache()})
+    return {"tracking": tracking, "hparams": experiment.model_dump(mode="json")}
 
 
 def evaluate_checkpoint(

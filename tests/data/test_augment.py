@@ -178,10 +178,30 @@ def test_loader_augmentation_is_deterministic_per_epoch() -> None:
     _batches(first, 0)  # a resumed run starts at epoch 2 without having seen epochs 0–1
     epoch2 = _batches(first, 2)
     again = _batches(resumed, 2)
-    for (xa, ya, ia), (xb, yb, ib) in zip(epoch2, again, strict=True):
+    for (xa, ya, ia, _), (xb, yb, ib, _) in zip(epoch2, again, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
     other = _batches(make(), 3)
     assert not torch.equal(torch.cat([b[0] for b in other]), torch.cat([b[0] for b in epoch2]))
+
+
+@pytest.mark.parametrize("augment", [Augment(2, True), Augment(1, False), Augment(0, True)])
+def test_each_batch_names_the_view_every_sample_is(augment) -> None:
+    """A cache of outputs is read by (sample, view): the view a batch names must be the
+    image the loader made, as every_sample(view=...) makes it."""
+    data = _toy(n=40, size=8)
+    loader = InMemoryLoader(data.train, data, 8, shuffle=True, seed=5, augment=augment)
+    assert loader.views == (2 * augment.crop_padding + 1) ** 2 * (2 if augment.flip else 1)
+    by_view = [torch.cat([x for x, _ in loader.every_sample(16, v)]) for v in range(loader.views)]
+    seen = set()
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for x, _, index, view in loader:
+            for i in range(len(index)):
+                assert torch.equal(x[i], by_view[int(view[i])][int(index[i])])
+            seen |= set(view.tolist())
+    assert len(seen) > loader.views // 2  # the draws cover the views, not one of them
+    with pytest.raises(ValueError, match="view"):
+        augment.view_params(loader.views, 1)
 
 
 def test_loader_augmentation_changes_pixels_not_order() -> None:
@@ -189,7 +209,7 @@ def test_loader_augmentation_changes_pixels_not_order() -> None:
     plain = InMemoryLoader(data.train, data, 8, shuffle=True, seed=3)
     augmented = InMemoryLoader(data.train, data, 8, shuffle=True, seed=3, augment=Augment())
     xs_plain, xs_aug = [], []
-    for (xp, yp, ip), (xa, ya, ia) in zip(plain, augmented, strict=True):
+    for (xp, yp, ip), (xa, ya, ia, _) in zip(plain, augmented, strict=True):
         assert torch.equal(ip, ia) and torch.equal(yp, ya)
         xs_plain.append(xp)
         xs_aug.append(xa)

@@ -81,6 +81,31 @@ class Augment:
         params = sample_params(len(images), self, generator)
         return crop_flip(images, params, self.crop_padding)
 
+    @property
+    def views(self) -> int:
+        """How many different images it can make of one image: every crop offset, each
+        flipped or not. A frozen network's outputs on all of them can be computed once
+        (:mod:`smskd.train.output_cache`)."""
+        return (2 * self.crop_padding + 1) ** 2 * (2 if self.flip else 1)
+
+    def view_ids(self, params: AugmentParams) -> Tensor:
+        """Which of the :attr:`views` each sample of ``params`` is, in ``[0, views)``."""
+        span = 2 * self.crop_padding + 1
+        crop = params.offset_y * span + params.offset_x
+        return crop * 2 + params.flip.long() if self.flip else crop
+
+    def view_params(self, view: int, n: int) -> AugmentParams:
+        """``n`` samples' draws that all make view ``view`` (the inverse of :meth:`view_ids`)."""
+        if not 0 <= view < self.views:
+            raise ValueError(f"view {view} is not in [0, {self.views})")
+        crop, flip = divmod(view, 2) if self.flip else (view, 0)
+        offset_y, offset_x = divmod(crop, 2 * self.crop_padding + 1)
+
+        def full(value: int) -> Tensor:
+            return torch.full((n,), value, dtype=torch.long)
+
+        return AugmentParams(full(offset_y), full(offset_x), full(flip).bool())
+
 
 @dataclass(frozen=True)
 class AugmentParams:

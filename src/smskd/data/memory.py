@@ -180,20 +180,29 @@ class InMemoryLoader:
         """Sample indices this rank visits in the current epoch, in order (before drop_last)."""
         return self._epoch_plan()[1].to(self.device)
 
-    def every_sample(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(x, index)`` over the whole split in order, on every rank: what a cache
-        of per-sample outputs needs. Only for loaders whose images never change."""
-        if self.augment is not None:  # refused at the call, not at the first batch
-            raise ValueError("an augmented loader gives new images every epoch")
-        return self._every_sample(batch_size)
+    @property
+    def views(self) -> int:
+        """How many different images one training sample can be (1 without augmentation;
+        :attr:`Augment.views <smskd.data.augment.Augment.views>` with it)."""
+        return 1 if self.augment is None else self.augment.views
 
-    def _every_sample(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def every_sample(self, batch_size: int, view: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(x, index)`` over the whole split in order, every sample as view ``view``,
+        on every rank: what a cache of per-sample outputs needs."""
+        if not 0 <= view < self.views:
+            raise ValueError(f"view {view} is not in [0, {self.views})")
         for start in range(0, len(self.labels), batch_size):
             index = torch.arange(start, min(start + batch_size, len(self.labels)))
             index = index.to(self.device)
-            yield self.normalize(self.images[index]), index
+            images = self.images[index]
+            if self.augment is not None:
+                params = self.augment.view_params(view, len(index))
+                images = crop_flip(images, params, self.augment.crop_padding)
+            yield self.normalize(images), index
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        """``(x, y, index)`` batches; augmented, ``(x, y, index, view)``, where ``view``
+        says which of the :attr:`views` each sample is (what a cache is read by)."""
         positions, order = self._epoch_plan()
         order = order.to(self.device)  # one transfer per epoch, not per batch
         params = None
@@ -208,7 +217,10 @@ class InMemoryLoader:
             if params is not None and self.augment is not None:
                 batch_params = params[start : start + self.batch_size]
                 images = crop_flip(images, batch_params, self.augment.crop_padding)
-            yield self.normalize(images), self.labels[index], index
+                view = self.augment.view_ids(batch_params)
+                yield self.normalize(images), self.labels[index], index, view
+            else:
+                yield self.normalize(images), self.labels[index], index
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:

@@ -126,7 +126,13 @@ SEARCH = Layout(
     runs=("teacher", "teacher-[0-9]*", "final"),
     folders=("plots", "nodes", "teacher", "final"),
 )
-LAYOUTS = {layout.kind: layout for layout in (RUN, QUICKSTART, SWEEP, SEARCH)}
+# A teacher's outputs on every view of a training set (smskd.train.output_cache), shared
+# by the runs that name this directory as performance.cache_dir.
+TEACHER_OUTPUTS = Layout(
+    "teacher-outputs",
+    files=_with_sidecars_and_temporaries(("*/about.json", "*/view-*/*.pt")),
+)
+LAYOUTS = {layout.kind: layout for layout in (RUN, QUICKSTART, SWEEP, SEARCH, TEACHER_OUTPUTS)}
 
 
 def kind_of(directory: Path) -> str | None:

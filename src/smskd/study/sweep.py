@@ -365,7 +365,7 @@ def _planned(
             label = f"{label}({_point_label(point)})"
         # Recipes copy configs without validation: validate the result.
         run_cfg = validate(RunConfig, run_cfg.model_dump(mode="json"), where)
-        text = f"{base_name}\n{run_cfg.to_yaml()}"
+        text = f"{base_name}\n{run_cfg.experiment_yaml()}"
         runs.append(
             PlannedRun(
                 label=label,
@@ -540,8 +540,23 @@ def _teacher_trainer(cfg: RunConfig, teacher: TeacherConfig, seed: int) -> RunCo
             "student": StudentConfig(model=teacher.model),
             "stages": [teacher.training_stage()],
             "reference": ReferenceConfig(),
+            "performance": cfg.performance.without_cache(),  # it has no teacher to cache
         }
     )
+
+
+def _trains_the_same(stored: Path, trainer: RunConfig) -> bool:
+    """Whether the teacher run that wrote ``stored`` is the run ``trainer`` describes, as
+    today's schema reads it (a key it lacks has its default) and tracking aside."""
+    try:
+        saved = read_stored_config(stored)
+    except UserError:
+        return False
+
+    def what_trains(cfg: RunConfig) -> str:
+        return cfg.model_copy(update={"tracking": trainer.tracking}).experiment_yaml()
+
+    return what_trains(saved) == what_trains(trainer)
 
 
 class Sweep:
@@ -585,7 +600,14 @@ class Sweep:
             trainer.model_dump(mode="json", exclude={"tracking"}), sort_keys=False
         )
         sha = hashlib.sha256(identity.encode()).hexdigest()[:8]
-        return trainer, self.out / "teachers" / f"{_slug(teacher.model.label)}-{sha}"
+        name = _slug(teacher.model.label)
+        place = self.out / "teachers" / f"{name}-{sha}"
+        if not place.exists():
+            # One trained before a config key existed has another name, but is this teacher.
+            for earlier in sorted(place.parent.glob(f"{name}-*")):
+                if _trains_the_same(earlier / "config.yaml", trainer):
+                    return trainer, earlier
+        return trainer, place
 
     def _with_teachers(self, cfg: RunConfig) -> RunConfig:
         resolved = teachers_among_workers(
@@ -809,7 +831,7 @@ def _check_same_config(run: PlannedRun) -> None:
     ]
     if teachers:
         saved = saved.model_copy(update={"teacher": teachers[0], "extra_teachers": teachers[1:]})
-    if saved.to_yaml() != run.config.to_yaml():
+    if saved.experiment_yaml() != run.config.experiment_yaml():
         raise UserError(
             f"{run.dir} holds a finished run of another config than {run.label!r} has now "
             "(the sweep file or its base config changed); delete that directory to rerun "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from smskd.store.checkpoint import set_rng_state
 from smskd.train import distributed
 from smskd.train.acceleration import Acceleration, as_float
 from smskd.train.distributed import all_reduce_sum
-from smskd.train.output_cache import CachedOutputs, cache_outputs
+from smskd.train.output_cache import CachedOutputs, TooLarge, cache_outputs
 from smskd.train.reference import reference_term, weight_histogram
 
 MAX_LOG_PERPLEXITY = 700.0  # exp() of more overflows a float; such a model is broken anyway
@@ -66,25 +67,46 @@ class StageModels:
             if frozen is not None:
                 frozen.eval()
 
-    def cache_frozen_outputs(self, loader: object, max_bytes: float) -> list[CachedOutputs]:
-        """Fill the teacher's cache (outputs at the stage's taps) and the reference's
-        (logits, and its anchored embedding), within ``max_bytes`` together; return the
-        caches filled."""
+    def cache_frozen_outputs(
+        self,
+        loader: object,
+        max_bytes: float,
+        directory: Path | None = None,
+        log: Callable[[str], None] = print,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> list[CachedOutputs]:
+        """Fill the teacher's cache (outputs at the stage's taps; shared through
+        ``directory``) and, without augmentation, the reference's (logits, and its
+        anchored embedding), within ``max_bytes`` together; return the caches filled.
+        A network whose outputs would not fit keeps running every step (``log`` says so)."""
         budget = max_bytes
         if self.teacher is not None:
-            self.teacher_cache = cache_outputs(
-                self.teacher, self.teacher_taps, loader, self.acceleration, max_bytes=budget
-            )
-            budget -= self.teacher_cache.nbytes
-        if self.reference is not None:
-            self.reference_cache = cache_outputs(
-                self.reference,
-                self.reference_taps,
-                loader,
-                self.acceleration,
-                max_bytes=budget,
-                what="reference",
-            )
+            try:
+                self.teacher_cache = cache_outputs(
+                    self.teacher,
+                    self.teacher_taps,
+                    loader,
+                    self.acceleration,
+                    max_bytes=budget,
+                    directory=directory,
+                    log=log,
+                    stop=stop,
+                )
+                budget -= self.teacher_cache.nbytes
+            except TooLarge as err:
+                log(f"{err}: the teacher runs every step of this stage")
+        if self.reference is not None and getattr(loader, "views", 1) == 1:
+            try:
+                self.reference_cache = cache_outputs(
+                    self.reference,
+                    self.reference_taps,
+                    loader,
+                    self.acceleration,
+                    max_bytes=budget,
+                    what="reference",
+                )
+            except TooLarge as err:
+                log(f"{err}: the reference runs every step of this stage")
         return [c for c in (self.teacher_cache, self.reference_cache) if c is not None]
 
     def compile(self) -> None:
@@ -98,9 +120,13 @@ class StageModels:
             self.reference = self.acceleration.compiled(self.reference)
 
 
-def unpack_batch(batch: object, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Accept ``(x, y)`` or ``(x, y, index)`` as any DataLoader yields them."""
-    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+def unpack_batch(
+    batch: object, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Accept ``(x, y)`` or ``(x, y, index)`` as any DataLoader yields them, and
+    ``(x, y, index, view)`` as an augmented :class:`~smskd.data.memory.InMemoryLoader`
+    does (which view of each sample ``x`` holds: what a cache of outputs is read by)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3, 4):
         raise UserError(
             "each batch must be (inputs, labels) or (inputs, labels, sample_index); "
             f"got {type(batch).__name__}"
@@ -108,17 +134,20 @@ def unpack_batch(batch: object, device: torch.device) -> tuple[Tensor, Tensor, T
         )
     x = batch[0].to(device, non_blocking=True)
     y = batch[1].to(device, non_blocking=True)
-    index = batch[2].to(device, non_blocking=True) if len(batch) == 3 else None
-    return x, y, index
+    index = batch[2].to(device, non_blocking=True) if len(batch) > 2 else None
+    view = batch[3].to(device, non_blocking=True) if len(batch) > 3 else None
+    return x, y, index, view
 
 
-def forward_outputs(models: StageModels, x: Tensor, y: Tensor, index: Tensor | None) -> Outputs:
+def forward_outputs(
+    models: StageModels, x: Tensor, y: Tensor, index: Tensor | None, view: Tensor | None = None
+) -> Outputs:
     """Run teacher (or read its cache), then student; outputs in fp32 for the losses."""
     acceleration = models.acceleration
     x = acceleration.inputs(x)
     with acceleration.autocast():
         teacher_logits, teacher_features = frozen_outputs(
-            models.teacher, models.teacher_taps, models.teacher_cache, x, index
+            models.teacher, models.teacher_taps, models.teacher_cache, x, index, view
         )
         student_logits = models.student(x)
     student_features = dict(models.student_taps.features) if models.student_taps else {}
@@ -155,11 +184,12 @@ def frozen_outputs(
     cache: CachedOutputs | None,
     x: Tensor,
     index: Tensor | None,
+    view: Tensor | None = None,
 ) -> tuple[Tensor | None, dict[str, Tensor]]:
-    """Logits and tapped features of a frozen network: from ``cache`` by sample index,
-    or from a forward under ``inference_mode`` (no autograd bookkeeping at all)."""
+    """Logits and tapped features of a frozen network: from ``cache`` by sample index
+    and view, or from a forward under ``inference_mode`` (no autograd bookkeeping)."""
     if cache is not None and index is not None:
-        return cache.take(index)
+        return cache.take(index, view)
     if model is None:
         return None, {}
     with torch.inference_mode():
@@ -171,12 +201,17 @@ def frozen_outputs(
 
 
 def step_loss(
-    models: StageModels, objective: StageObjective, x: Tensor, y: Tensor, index: Tensor | None
+    models: StageModels,
+    objective: StageObjective,
+    x: Tensor,
+    y: Tensor,
+    index: Tensor | None,
+    view: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The stage's total loss for one batch and its detached terms (for logging)."""
     acceleration = models.acceleration
     x = acceleration.inputs(x)  # once: forward_outputs' own call is then free
-    out = forward_outputs(models, x, y, index)
+    out = forward_outputs(models, x, y, index, view)
     terms: dict[str, Tensor] = {}
     total = out.student_logits.new_zeros((), dtype=torch.float32)
     if objective.ce_weight:
@@ -190,7 +225,7 @@ def step_loss(
     if models.reference is not None:
         with acceleration.autocast():
             reference_logits, reference_features = frozen_outputs(
-                models.reference, models.reference_taps, models.reference_cache, x, index
+                models.reference, models.reference_taps, models.reference_cache, x, index, view
             )
         embeddings = None
         if objective.embedding_tap is not None:
@@ -292,8 +327,8 @@ def train_epoch(
     for position, batch in enumerate(iterator):
         if position < already_done:
             continue
-        x, y, index = unpack_batch(batch, device)
-        total, terms = step_loss(models, objective, x, y, index)
+        x, y, index, view = unpack_batch(batch, device)
+        total, terms = step_loss(models, objective, x, y, index, view)
         share = token_share(y)
         loss = total if share is None else total * share
         progress.steps += 1
@@ -369,7 +404,7 @@ def evaluate(
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss, count
     sequences = False
     for batch in batches:
-        x, y, _ = unpack_batch(batch, device)
+        x, y, _, _ = unpack_batch(batch, device)
         with acceleration.autocast():
             logits = model(acceleration.inputs(x))
         token_mask = sequence_mask(y)

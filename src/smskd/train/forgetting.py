@@ -102,7 +102,7 @@ class ForgettingProbe:
     def _forward(self, student: nn.Module) -> tuple[Tensor, Tensor, Tensor | None]:
         outputs, labels, teacher = [], [], []
         for batch in self.batches:
-            x, y, _ = unpack_batch(batch, self.device)
+            x, y, _, _ = unpack_batch(batch, self.device)
             token_mask = sequence_mask(y)  # sequences: every token is a probe sample
             outputs.append(in_loss(student(x).float(), token_mask))
             labels.append(in_loss(y, token_mask))
@@ -164,7 +164,7 @@ class ForgettingProbe:
             count = 0
             with torch.no_grad():
                 for batch in self.batches:
-                    x, y, index = unpack_batch(batch, self.device)
+                    x, y, index, _ = unpack_batch(batch, self.device)
                     out = forward_outputs(built.models, x, y, index)
                     # Images: equal batches, a mean of batch means. Sequences: batches
                     # hold different numbers of tokens, so every token weighs the same.

@@ -243,7 +243,7 @@ def _setup_methods(
         or m.needs_index
         for m in methods
     ):
-        x, y, index = unpack_batch(probe_batch, device)
+        x, y, index, _ = unpack_batch(probe_batch, device)
         needing_index = [m.name for m in methods if m.needs_index]
         if needing_index and index is None:
             raise UserError(

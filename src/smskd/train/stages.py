@@ -47,6 +47,7 @@ from smskd.train.acceleration import Acceleration
 from smskd.train.epoch import EpochProgress, NonFiniteLoss, evaluate, train_epoch
 from smskd.train.forgetting import ForgettingProbe
 from smskd.train.interrupt import RunStopped, StopRequest
+from smskd.train.output_cache import FillStopped
 from smskd.train.progress import ProgressBar, Reporting
 from smskd.train.reference import make_reference
 from smskd.train.resume import Checkpoints, ResumePoint, restore_stage
@@ -239,6 +240,7 @@ def run_stages(
         device,
         acceleration,
         performance.cache_max_gib * 2**30 if performance.cache_teacher else None,
+        Path(performance.cache_dir) if performance.cache_dir is not None else None,
         nonfinite,
         distributed.current(),
     )
@@ -283,6 +285,7 @@ class _Execution:
     device: torch.device
     acceleration: Acceleration
     cache_bytes: float | None  # the frozen-output cache's limit; None: no cache
+    cache_dir: Path | None  # where the teacher's outputs are shared between runs
     nonfinite: str
     job: distributed.Dist  # this process among a torchrun job's ranks
 
@@ -613,13 +616,22 @@ class _StageLoop:
     def _cache_frozen_outputs(self, built: BuiltStage) -> None:
         assert self.execution.cache_bytes is not None
         started = time.perf_counter()
-        cached = built.models.cache_frozen_outputs(
-            self.training.train_data, self.execution.cache_bytes
-        )
+        try:
+            cached = built.models.cache_frozen_outputs(
+                self.training.train_data,
+                self.execution.cache_bytes,
+                self.execution.cache_dir,
+                lambda line: self.reporting.log(f"{self.reporting.name}: {line}"),
+                lambda: self.stop.requested,
+            )
+        except FillStopped:
+            raise self._stopped("while computing the teacher's outputs") from None
         if cached:
+            views = cached[0].logits.shape[1]
+            shown = f"{len(cached[0].logits)} samples" + (f" × {views} views" if views > 1 else "")
             self.reporting.log(
-                f"{self.reporting.name}: cached the frozen outputs of {len(cached[0].logits)} "
-                f"samples ({sum(c.nbytes for c in cached) / 2**20:.1f} MiB) in "
+                f"{self.reporting.name}: cached the frozen outputs of {shown} "
+                f"({sum(c.nbytes for c in cached) / 2**20:.1f} MiB) in "
                 f"{time.perf_counter() - started:.1f}s"
             )
 
