@@ -451,3 +451,40 @@ def test_a_stop_while_the_views_are_computed_stops_there(tmp_path, monkeypatch) 
     with pytest.raises(RunStopped, match="while computing the teacher's outputs"):
         run(augmented_loaders(), cached, [Stage(methods=["kd"], epochs=1)])
     assert not list((tmp_path / "outputs").glob("*/view-*/*.pt"))
+
+
+def test_a_run_resumes_with_its_cache_settings_changed(tmp_path) -> None:
+    from smskd import distill
+    from smskd.train.resume import _difference, _identity
+
+    raw = {
+        "data": {"name": "digits", "augment": True, "batch_size": 64},
+        "teacher": {"model": "convnet-s", "epochs": 1},
+        "student": {"model": "convnet-xs"},
+        "stages": [{"methods": ["kd"], "epochs": 1}],
+    }
+    plain = load_config(raw)
+    distill(plain, tmp_path / "run", progress=False)
+    cached = {"cache_teacher": True, "cache_dir": str(tmp_path / "outputs")}
+    again = load_config({**raw, "performance": cached})
+    assert distill(again, tmp_path / "run", resume=True, progress=False).epochs_trained == 0
+    # A checkpoint recorded with the cache on (as runs recorded it before) resumes too.
+    theirs = _identity(0, again.stages, again.model_dump(mode="json"))
+    ours = _identity(0, plain.stages, plain.model_dump(mode="json"))
+    assert _difference(theirs, ours) is None
+    bf16 = load_config({**raw, "performance": {"precision": "bf16"}})
+    other = _identity(0, bf16.stages, bf16.model_dump(mode="json"))
+    assert "performance.precision" in _difference(other, ours)
+
+
+def test_a_sweeps_force_clears_the_cache_kept_in_its_folder(tmp_path) -> None:
+    from smskd.store import rundir
+
+    rundir.claim(tmp_path, rundir.SWEEP)
+    (tmp_path / "NOTES.md").write_text("mine")
+    cached = {"cache_teacher": True, "cache_dir": str(tmp_path / "teacher-outputs")}
+    run(augmented_loaders(), cached, [Stage(methods=["kd"], epochs=1)])
+    assert list((tmp_path / "teacher-outputs").glob("*/view-*/logits.pt"))
+    rundir.clear(tmp_path, rundir.SWEEP, log=lambda _: None)
+    assert not (tmp_path / "teacher-outputs").exists()
+    assert (tmp_path / "NOTES.md").read_text() == "mine"

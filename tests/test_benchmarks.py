@@ -12,6 +12,7 @@ import pytest
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import augmented_cache  # noqa: E402
 import compute_bound  # noqa: E402
 import epoch_speedup  # noqa: E402
 import pipeline_speedup  # noqa: E402
@@ -29,6 +30,7 @@ TOY = ["--repeats", "1", "--quick"]
         pytest.param(compute_bound, ["--pairs", "fashion-mnist"], marks=pytest.mark.slow),
         pytest.param(epoch_speedup, ["--images", "256"], marks=pytest.mark.slow),
         pytest.param(smskd_vs_joint, ["--images", "256"], marks=pytest.mark.slow),
+        pytest.param(augmented_cache, ["--images", "128"], marks=pytest.mark.slow),
     ],
     ids=lambda v: getattr(v, "__name__", ""),
 )

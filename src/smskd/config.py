@@ -374,6 +374,10 @@ class DataConfig(_Strict):
         return None if chosen is None or chosen.is_identity else chosen
 
 
+# The output cache's settings: how fast a run goes, never what it computes.
+CACHE_SETTINGS = ("cache_teacher", "cache_max_gib", "cache_dir")
+
+
 class PerformanceConfig(_Strict):
     """Speed switches. Each leaves the training maths unchanged up to rounding
     (tests hold every one against the plain fp32 path).
@@ -406,13 +410,7 @@ class PerformanceConfig(_Strict):
         """These switches with the cache's settings at their defaults: what a run
         computes is the same either way."""
         default = PerformanceConfig()
-        return self.model_copy(
-            update={
-                "cache_teacher": default.cache_teacher,
-                "cache_max_gib": default.cache_max_gib,
-                "cache_dir": default.cache_dir,
-            }
-        )
+        return self.model_copy(update={key: getattr(default, key) for key in CACHE_SETTINGS})
 
 
 class TrackingConfig(_Strict):

@@ -567,14 +567,11 @@ def export_language_model(model: nn.Module, data: Data, out: Path) -> None:
 
 def _tracking(cfg: RunConfig, root: str | Path) -> dict[str, Any]:
     """run_stages' tracking arguments: the config's, with the MLflow store resolved
-    against ``root``, and the whole resolved config as hyper-parameters (which the
-    checkpoints record too, so without the output cache's settings: a run resumes with
-    them changed)."""
+    against ``root``, and the whole resolved config as hyper-parameters."""
     tracking = cfg.tracking
     if "mlflow" in tracking.backends:
         tracking = tracking.model_copy(update={"mlflow_uri": tracking.mlflow_store_uri(root)})
-    experiment = cfg.model_copy(update={"performance": cfg.performance.without_cache()})
-    return {"tracking": tracking, "hparams": experiment.model_dump(mode="json")}
+    return {"tracking": tracking, "hparams": cfg.model_dump(mode="json")}
 
 
 def evaluate_checkpoint(

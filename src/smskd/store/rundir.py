@@ -111,8 +111,9 @@ SWEEP = Layout(
         "plots/*/*.png",
         *_MLFLOW,
     ),
+    runs=("teacher-outputs",),  # the shared teacher-output cache, when placed here
     legacy=("index.json",),
-    folders=("plots", "teachers"),
+    folders=("plots", "teachers", "teacher-outputs"),
 )
 SEARCH = Layout(
     "search",
@@ -227,7 +228,11 @@ def _write_marker(directory: Path, layout: Layout) -> None:
         return
     directory.mkdir(parents=True, exist_ok=True)
     created = time.strftime("%Y-%m-%d %H:%M:%S")
-    marker.write_text(json.dumps({"kind": layout.kind, "smskd": __version__, "created": created}))
+    text = json.dumps({"kind": layout.kind, "smskd": __version__, "created": created})
+    # Whole or not at all: several workers may claim one directory at once.
+    temporary = directory / f".{MARKER}.{os.getpid()}.tmp"
+    temporary.write_text(text)
+    os.replace(temporary, marker)
 
 
 def clear(directory: Path, layout: Layout, log: Callable[[str], None] = print) -> list[str]:
@@ -264,8 +269,9 @@ def _clear(root: Path, directory: Path, layout: Layout) -> tuple[list[str], list
         elif path.is_dir() and layout.makes_folder(relative) and not any(path.iterdir()):
             path.rmdir()  # deepest first: its files went above
     for run in sorted(p for p in directory.iterdir() if layout.is_run(p.name)):
-        if run.is_dir() and not run.is_symlink() and kind_of(run) == RUN.kind:
-            sub_removed, sub_kept = _clear(root, run, RUN)
+        kind = kind_of(run) if run.is_dir() and not run.is_symlink() else None
+        if kind in (RUN.kind, TEACHER_OUTPUTS.kind):
+            sub_removed, sub_kept = _clear(root, run, LAYOUTS[kind])
             removed += sub_removed
             kept += sub_kept
             if not sub_kept:  # nothing of the user's inside: the run is gone entirely

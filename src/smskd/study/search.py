@@ -236,7 +236,7 @@ class Search:
         if teacher.checkpoint is not None and Path(teacher.checkpoint).is_relative_to(self.out):
             relative = str(Path(teacher.checkpoint).relative_to(self.out))
             teacher = teacher.model_copy(update={"checkpoint": relative})
-        return self.base.model_copy(update={"teacher": teacher}).to_yaml()
+        return self.base.model_copy(update={"teacher": teacher}).experiment_yaml()
 
     def _read(self, node: Node) -> bool:
         result = node.dir / RESULT

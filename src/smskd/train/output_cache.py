@@ -40,11 +40,13 @@ from smskd.errors import UserError
 from smskd.models.taps import FeatureTaps, layout_of
 from smskd.store import rundir
 from smskd.store.checkpoint import atomic_save, atomic_write_text, safe_load
-from smskd.store.runlock import RunInUse, run_lock
+from smskd.store.runlock import LOCK_NAME, RunInUse, run_lock
 from smskd.train.acceleration import Acceleration
+from smskd.version import __version__
 
 BATCH = 256  # per-sample outputs do not depend on the batch they were computed in
 WAIT_SECONDS = 5.0  # between looks at views another process is computing
+REMIND = 600.0  # seconds between two notes that views are still waited for
 LOGITS = "logits"
 
 
@@ -198,7 +200,7 @@ class SharedOutputs:
     ) -> list[dict[str, Tensor]]:
         """Every view's outputs named in ``like``: each missing one computed by whichever
         process locks its view first, those another process holds waited for."""
-        pending, waited = list(range(self.views)), False
+        pending, waiting_since = list(range(self.views)), None
         while pending:
             held = []
             for view in pending:
@@ -212,12 +214,14 @@ class SharedOutputs:
                         self._compute(model, taps, loader, acceleration, view, like, what, log)
                 except RunInUse:
                     held.append(view)
-            if held and not waited:
+            if held and (waiting_since is None or time.monotonic() - waiting_since > REMIND):
+                # Again every REMIND seconds: a lock whose owner hangs is never taken over.
                 log(
                     f"waiting for {len(held)} views of the {what}'s outputs that another "
-                    f"process computes into {self.folder}"
+                    f"process computes into {self.folder} (locks: "
+                    f"{self.view_folder(held[0]) / LOCK_NAME}, ...)"
                 )
-                waited = True
+                waiting_since = time.monotonic()
             if held:
                 if stop():
                     raise FillStopped
@@ -261,7 +265,7 @@ class SharedOutputs:
 
     def _load(self, view: int, name: str, like: Tensor) -> Tensor:
         path = self.path(view, name)
-        value = safe_load(path)
+        value = safe_load(path, map_location=like.device)  # where the training runs
         if (
             not isinstance(value, Tensor)
             or value.dtype != like.dtype
@@ -276,13 +280,17 @@ class SharedOutputs:
 
 def _describe(model: nn.Module, loader: Any, acceleration: Acceleration) -> dict[str, Any]:
     """Everything the outputs depend on: the folder's key is a digest of it."""
-    weights = hashlib.sha256()
+    weights = hashlib.sha256(repr(model).encode())  # the architecture, then its weights
     for name, tensor in sorted(model.state_dict().items()):
         weights.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     images = hashlib.sha256(loader.images.cpu().contiguous().numpy().tobytes())
     normalize = loader.normalize
+    device = acceleration.device_type
+    if device == "cuda":  # another GPU model may round differently
+        device = f"cuda ({torch.cuda.get_device_name()})"
     return {
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
         "weights_sha256": weights.hexdigest(),
         "images_sha256": images.hexdigest(),
         "images": len(loader.labels),
@@ -291,7 +299,8 @@ def _describe(model: nn.Module, loader: Any, acceleration: Acceleration) -> dict
         "normalize": [normalize.shift.flatten().tolist(), normalize.scale.flatten().tolist()]
         if hasattr(normalize, "shift")
         else type(normalize).__name__,
-        "device": acceleration.device_type,
+        "device": device,
+        "smskd": __version__,
         "precision": acceleration.precision,
         "channels_last": acceleration.channels_last,
         "torch": torch.__version__,

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from smskd.config import Stage
+from smskd.config import CACHE_SETTINGS, Stage
 from smskd.errors import UserError
 from smskd.store.checkpoint import (
     atomic_save,
@@ -259,11 +259,21 @@ def _difference(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str | Non
         config = json.loads(theirs.get("config", "{}"))
     except (TypeError, ValueError):
         return "its recorded config is unreadable"
-    found = _first_change(config, json.loads(ours["config"]), "")
+    found = _first_change(_uncached(config), _uncached(json.loads(ours["config"])), "")
     if found is None:
         return None
     key, their_value, our_value = found
     return f"{key} is {_short(their_value)}; this run has {_short(our_value)}"
+
+
+def _uncached(config: Any) -> Any:
+    """A recorded config without the output cache's settings, which change how fast a
+    run goes, not what it computes: a run resumes with them changed."""
+    performance = config.get("performance") if isinstance(config, dict) else None
+    if not isinstance(performance, dict):
+        return config
+    kept = {k: v for k, v in performance.items() if k not in CACHE_SETTINGS}
+    return {**config, "performance": kept}
 
 
 def _layout(stages: Any) -> str:

@@ -622,7 +622,8 @@ class _StageLoop:
                 self.execution.cache_bytes,
                 self.execution.cache_dir,
                 lambda line: self.reporting.log(f"{self.reporting.name}: {line}"),
-                lambda: self.stop.requested,
+                # Under DDP a stop is agreed by every rank at a step; not here.
+                lambda: self.stop.requested and not self.execution.job.enabled,
             )
         except FillStopped:
             raise self._stopped("while computing the teacher's outputs") from None
