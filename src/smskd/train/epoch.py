@@ -26,7 +26,7 @@ from smskd.store.checkpoint import set_rng_state
 from smskd.train import distributed
 from smskd.train.acceleration import Acceleration, as_float
 from smskd.train.distributed import all_reduce_sum
-from smskd.train.output_cache import CachedOutputs, TooLarge, cache_outputs
+from smskd.train.output_cache import CachedOutputs, cache_outputs
 from smskd.train.reference import reference_term, weight_histogram
 
 MAX_LOG_PERPLEXITY = 700.0  # exp() of more overflows a float; such a model is broken anyway
@@ -81,32 +81,27 @@ class StageModels:
         A network whose outputs would not fit keeps running every step (``log`` says so)."""
         budget = max_bytes
         if self.teacher is not None:
-            try:
-                self.teacher_cache = cache_outputs(
-                    self.teacher,
-                    self.teacher_taps,
-                    loader,
-                    self.acceleration,
-                    max_bytes=budget,
-                    directory=directory,
-                    log=log,
-                    stop=stop,
-                )
-                budget -= self.teacher_cache.nbytes
-            except TooLarge as err:
-                log(f"{err}: the teacher runs every step of this stage")
+            self.teacher_cache = cache_outputs(
+                self.teacher,
+                self.teacher_taps,
+                loader,
+                self.acceleration,
+                max_bytes=budget,
+                directory=directory,
+                log=log,
+                stop=stop,
+            )
+            budget -= self.teacher_cache.nbytes if self.teacher_cache is not None else 0
         if self.reference is not None and getattr(loader, "views", 1) == 1:
-            try:
-                self.reference_cache = cache_outputs(
-                    self.reference,
-                    self.reference_taps,
-                    loader,
-                    self.acceleration,
-                    max_bytes=budget,
-                    what="reference",
-                )
-            except TooLarge as err:
-                log(f"{err}: the reference runs every step of this stage")
+            self.reference_cache = cache_outputs(
+                self.reference,
+                self.reference_taps,
+                loader,
+                self.acceleration,
+                max_bytes=budget,
+                what="reference",
+                log=log,
+            )
         return [c for c in (self.teacher_cache, self.reference_cache) if c is not None]
 
     def compile(self) -> None:

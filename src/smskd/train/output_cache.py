@@ -68,10 +68,6 @@ class CachedOutputs:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class TooLarge(UserError):
-    """The outputs would not fit the cache's limit: the network runs every step instead."""
-
-
 class FillStopped(Exception):
     """A stop was asked for while views were being computed (those written are kept)."""
 
@@ -87,14 +83,14 @@ def cache_outputs(
     what: str = "teacher",
     log: Callable[[str], None] = print,
     stop: Callable[[], bool] = lambda: False,
-) -> CachedOutputs:
+) -> CachedOutputs | None:
     """``model``'s outputs (no grad, eval mode) on every training sample of ``loader``
     as every view it can make of it, computed here or read from ``directory``.
 
     ``loader`` must offer ``every_sample(batch_size, view)``, ``views`` and ``labels``,
-    as :class:`~smskd.data.memory.InMemoryLoader` does. Raises :class:`TooLarge` before
-    computing anything when the outputs would need more than ``max_bytes``, and
-    :class:`FillStopped` between two views once ``stop()`` says so.
+    as :class:`~smskd.data.memory.InMemoryLoader` does. None, said in ``log``, when the
+    outputs would need more than ``max_bytes``: the network then runs every step.
+    Raises :class:`FillStopped` between two views once ``stop()`` says so.
     """
     if getattr(loader, "every_sample", None) is None:
         raise UserError(
@@ -113,11 +109,12 @@ def cache_outputs(
     total = len(loader.labels)  # type: ignore[attr-defined]
     per_sample = sum(t[0].numel() * t.element_size() for t in first.values()) * views
     if per_sample * total > max_bytes:
-        raise TooLarge(
+        log(
             f"the {what}'s outputs for {total} samples × {views} views need "
             f"{per_sample * total / 2**30:.2f} GiB, more than the {max_bytes / 2**30:.2f} "
-            "GiB left of performance.cache_max_gib"
+            f"GiB left of performance.cache_max_gib: the {what} runs every step of this stage"
         )
+        return None
     if directory is None:
         outputs = [_view_outputs(model, taps, loader, 0, acceleration)]
     else:
