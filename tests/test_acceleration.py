@@ -314,9 +314,22 @@ def test_a_damaged_shared_output_is_one_line_naming_the_folder(tmp_path) -> None
 def test_a_cache_directory_is_not_taken_from_someone_else(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     cached = {"cache_teacher": True, "cache_dir": str(tmp_path)}
-    with pytest.raises(UserError, match="not an smskd directory"):
+    with pytest.raises(UserError, match=r"performance\.cache_dir: .* not an smskd directory"):
         run(augmented_loaders(), cached, [Stage(methods=["kd"], epochs=1)])
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    from smskd import distill
+
+    raw = {
+        "data": {"name": "digits", "augment": True},
+        "teacher": {"model": "convnet-s", "epochs": 1},
+        "student": {"model": "convnet-xs"},
+        "stages": [{"methods": ["kd"], "epochs": 1}],
+        "performance": cached,
+    }
+    out = tmp_path.parent / f"{tmp_path.name}-run"
+    with pytest.raises(UserError, match=r"choose another performance\.cache_dir"):
+        distill(load_config(raw), out, progress=False)
+    assert not out.exists()  # refused before the teacher trained
 
 
 def test_cache_refuses_augmented_without_a_directory_and_streamed_data(loaders) -> None:

@@ -52,6 +52,7 @@ from smskd.store.checkpoint import export_weights, load_state_dict, load_weights
 from smskd.store.runlock import RunInUse, run_lock
 from smskd.train import distributed
 from smskd.train.epoch import evaluate
+from smskd.train.output_cache import claim_cache_dir
 from smskd.train.stages import RunResult, check_stages, resolve_device, run_stages
 
 TEACHER_WEIGHTS = "teacher.pt"
@@ -506,6 +507,8 @@ def distill(
     # Checked before anything trains, a teacher to be trained too: its architecture is
     # all the checks need, and its weights are loaded once it has them.
     data, student, teachers = _checked(cfg, device, dist.rank, dist.world_size)
+    if cfg.performance.cache_teacher and cfg.performance.cache_dir is not None:
+        claim_cache_dir(Path(cfg.performance.cache_dir), write=False)
     with _locked(out, device):
         _prepare_run_dir(out, resume, force)
         planned = cfg.all_teachers

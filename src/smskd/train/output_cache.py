@@ -169,7 +169,7 @@ class SharedOutputs:
     def open(
         cls, directory: Path, model: nn.Module, loader: Any, acceleration: Acceleration
     ) -> SharedOutputs:
-        rundir.claim(directory, rundir.TEACHER_OUTPUTS)  # never into someone else's folder
+        claim_cache_dir(directory)
         about = _describe(model, loader, acceleration)
         key = hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest()[:16]
         folder = directory / key
@@ -273,6 +273,17 @@ class SharedOutputs:
                 f"({like.dtype}, {tuple(like.shape[1:])} a sample); delete {self.folder}"
             )
         return value
+
+
+def claim_cache_dir(directory: Path, *, write: bool = True) -> None:
+    """``directory`` as smskd's teacher-output folder, or one line saying why not: never
+    into someone else's folder (``write`` False: only the checks, before a run trains)."""
+    try:
+        rundir.claim(directory, rundir.TEACHER_OUTPUTS, write=write)
+    except UserError as err:
+        raise UserError(
+            f"performance.cache_dir: {str(err).replace('--out', 'performance.cache_dir')}"
+        ) from None
 
 
 def _describe(model: nn.Module, loader: Any, acceleration: Acceleration) -> dict[str, Any]:
