@@ -346,7 +346,7 @@ def test_outputs_beyond_the_limit_run_the_teacher_instead(loaders) -> None:
     lines: list[str] = []
     plain = run(loaders, {})
     small = run(loaders, {"cache_teacher": True, "cache_max_gib": 1e-6}, log=lines.append)
-    assert any("cache_max_gib: the teacher runs every step" in line for line in lines)
+    assert any("cache_disk_gib: the teacher runs every step" in line for line in lines)
     assert plain.history[-1]["train_loss"] == small.history[-1]["train_loss"]
 
 
@@ -501,3 +501,71 @@ def test_a_sweeps_force_clears_the_cache_kept_in_its_folder(tmp_path) -> None:
     rundir.clear(tmp_path, rundir.SWEEP, log=lambda _: None)
     assert not (tmp_path / "teacher-outputs").exists()
     assert (tmp_path / "NOTES.md").read_text() == "mine"
+
+
+def test_outputs_too_large_for_memory_are_read_from_disk(tmp_path, monkeypatch) -> None:
+    """Beyond cache_max_gib, within cache_disk_gib: the steps read the files, memory-mapped,
+    and the run is the one the teacher's forwards give; beyond both, the teacher runs."""
+    from smskd.train.output_cache import MappedOutputs
+
+    stages = [
+        Stage(methods=["fitnets"], epochs=2, optimizer={"lr": 0.05}),
+        Stage(methods=["kd"], epochs=1, optimizer={"lr": 0.05}),
+    ]
+    plain = run(augmented_loaders(), {}, stages)
+    on_disk = {
+        "cache_teacher": True,
+        "cache_dir": str(tmp_path),
+        "cache_max_gib": 1e-5,  # ~10 kB of memory: nothing fits
+        "cache_disk_gib": 1.0,
+    }
+    lines: list[str] = []
+    mapped = run(augmented_loaders(), on_disk, stages, log=lines.append)
+    assert sum("GiB read from disk" in line for line in lines) == 2
+    for key, value in plain.student.state_dict().items():
+        torch.testing.assert_close(mapped.student.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    for a, b in zip(plain.history, mapped.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    loader = augmented_loaders()[0]
+    teacher = net(2, (8, 16, 16))
+    loads, real_load = [], torch.load
+
+    def spy(*args, **kwargs):
+        loads.append(kwargs.get("mmap", False))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    cache = cache_outputs(
+        teacher,
+        None,
+        loader,
+        Acceleration("cpu"),
+        max_bytes=1e4,
+        directory=tmp_path,
+        disk_bytes=2**30,
+        log=lambda _: None,
+    )
+    assert isinstance(cache, MappedOutputs) and cache.views == 18
+    assert loads == [True] * 18  # every view's file memory-mapped, none read in
+    index, view = torch.tensor([5, 7, 5]), torch.tensor([0, 17, 3])
+    x = torch.stack(
+        [
+            next(iter(loader.every_sample(128, int(v))))[0][int(i)]
+            for i, v in zip(index, view, strict=True)
+        ]
+    )
+    expected = teacher.eval()(x)
+    torch.testing.assert_close(cache.take(index, view)[0], expected, rtol=1e-5, atol=1e-6)
+    assert (
+        cache_outputs(
+            teacher,
+            None,
+            loader,
+            Acceleration("cpu"),
+            max_bytes=1e4,
+            directory=tmp_path,
+            disk_bytes=1e4,
+            log=lambda _: None,
+        )
+        is None
+    )

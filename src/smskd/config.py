@@ -375,7 +375,7 @@ class DataConfig(_Strict):
 
 
 # The output cache's settings: how fast a run goes, never what it computes.
-CACHE_SETTINGS = ("cache_teacher", "cache_max_gib", "cache_dir")
+CACHE_SETTINGS = ("cache_teacher", "cache_max_gib", "cache_dir", "cache_disk_gib")
 
 
 class PerformanceConfig(_Strict):
@@ -393,10 +393,12 @@ class PerformanceConfig(_Strict):
     one of a few dozen views (50 for padding 2 with flips), more than a run has epochs,
     so the outputs on every view are kept in ``cache_dir`` and shared by every run with
     the same teacher and training images: a sweep's runs, and several workers at once,
-    compute them once together. It needs an in-memory dataset; a stage whose outputs
-    (logits plus the features its methods tap) need more than ``cache_max_gib`` GiB
-    runs the teacher as usual. Neither setting changes what a run computes, so a run
-    may be resumed with them changed.
+    compute them once together. It needs an in-memory dataset. A stage whose outputs
+    (logits plus the features its methods tap) need more than ``cache_max_gib`` GiB of
+    memory reads them from the files in ``cache_dir`` as the steps need them (memory-
+    mapped) if they fit in ``cache_disk_gib`` GiB (FitNets' hint maps on every view),
+    and otherwise runs the teacher as usual. None of these settings changes what a run
+    computes, so a run may be resumed with them changed.
     """
 
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -405,6 +407,7 @@ class PerformanceConfig(_Strict):
     cache_teacher: bool = False
     cache_max_gib: float = Field(default=4.0, gt=0)
     cache_dir: str | None = None
+    cache_disk_gib: float = Field(default=0.0, ge=0)
 
     def without_cache(self) -> PerformanceConfig:
         """These switches with the cache's settings at their defaults: what a run
@@ -559,6 +562,11 @@ class RunConfig(_Strict):
         return self
 
     def _cacheable(self) -> None:
+        if self.performance.cache_disk_gib and self.performance.cache_dir is None:
+            raise ValueError(
+                "performance.cache_disk_gib: outputs read from disk live in "
+                "performance.cache_dir; set it, or set cache_disk_gib: 0"
+            )
         if self.data.training_augment() is not None and self.performance.cache_dir is None:
             raise ValueError(
                 "performance.cache_teacher: the training images are augmented, so the "

@@ -342,12 +342,14 @@ def safe_load(
     *,
     verify: bool = True,
     sha256: str | None = None,
+    mmap: bool = False,
 ) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only, never code.
 
     The file is checked against its ``.sha256`` sidecar first, when it has one (and
     ``verify``), and against ``sha256`` when given (the digest recorded when this run
-    wrote it); safetensors files are read with the safetensors package.
+    wrote it); safetensors files are read with the safetensors package. ``mmap``: a
+    torch file's tensors are memory-mapped on the CPU, not read in.
     """
     path = Path(path)
     with _open_file(path) as handle:
@@ -357,7 +359,7 @@ def safe_load(
         head = handle.read(64)
         handle.seek(0)
         if head.startswith(_ZIP_MAGIC) or (head[:1] == b"\x80" and _LEGACY_MAGIC in head[:32]):
-            return _torch_load(path, handle, map_location)
+            return _torch_load(path, handle, map_location, mmap)
         size = os.fstat(handle.fileno()).st_size
         if _is_safetensors(path) or _looks_like_safetensors(head, size):
             return _load_safetensors(path, handle.read(), map_location)
@@ -404,11 +406,15 @@ def _is_text(head: bytes) -> bool:
     return "".join(text.split()).isprintable()
 
 
-def _torch_load(path: Path, handle: BinaryIO, map_location: str | torch.device) -> Any:
+def _torch_load(
+    path: Path, handle: BinaryIO, map_location: str | torch.device, mmap: bool = False
+) -> Any:
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols and TorchScript archives: reported below.
             warnings.simplefilter("ignore", UserWarning)
+            if mmap:  # the tensors stay in the file, paged in as they are read
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             return torch.load(handle, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         imported = re.search(r"GLOBAL (\S+)", str(err))

@@ -26,7 +26,7 @@ from smskd.store.checkpoint import set_rng_state
 from smskd.train import distributed
 from smskd.train.acceleration import Acceleration, as_float
 from smskd.train.distributed import all_reduce_sum
-from smskd.train.output_cache import CachedOutputs, cache_outputs
+from smskd.train.output_cache import FrozenOutputs, cache_outputs
 from smskd.train.reference import reference_term, weight_histogram
 
 MAX_LOG_PERPLEXITY = 700.0  # exp() of more overflows a float; such a model is broken anyway
@@ -55,8 +55,8 @@ class StageModels:
     reference_taps: FeatureTaps | None = None
     trainable: list[nn.Module] = field(default_factory=list)
     acceleration: Acceleration = field(default_factory=Acceleration)
-    teacher_cache: CachedOutputs | None = None
-    reference_cache: CachedOutputs | None = None
+    teacher_cache: FrozenOutputs | None = None
+    reference_cache: FrozenOutputs | None = None
 
     def train(self) -> None:
         self.student.train()
@@ -72,9 +72,10 @@ class StageModels:
         loader: object,
         max_bytes: float,
         directory: Path | None = None,
+        disk_bytes: float = 0.0,
         log: Callable[[str], None] = print,
         stop: Callable[[], bool] = lambda: False,
-    ) -> list[CachedOutputs]:
+    ) -> list[FrozenOutputs]:
         """Fill the teacher's cache (outputs at the stage's taps; shared through
         ``directory``) and, without augmentation, the reference's (logits, and its
         anchored embedding), within ``max_bytes`` together; return the caches filled.
@@ -88,6 +89,7 @@ class StageModels:
                 self.acceleration,
                 max_bytes=budget,
                 directory=directory,
+                disk_bytes=disk_bytes,
                 log=log,
                 stop=stop,
             )
@@ -176,7 +178,7 @@ def in_loss(value: Tensor | None, token_mask: Tensor | None) -> Tensor | None:
 def frozen_outputs(
     model: nn.Module | None,
     taps: FeatureTaps | None,
-    cache: CachedOutputs | None,
+    cache: FrozenOutputs | None,
     x: Tensor,
     index: Tensor | None,
     view: Tensor | None = None,

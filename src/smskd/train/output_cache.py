@@ -67,6 +67,56 @@ class CachedOutputs:
         tensors = [self.logits, *self.features.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    @property
+    def samples(self) -> int:
+        return len(self.logits)
+
+    @property
+    def views(self) -> int:
+        return self.logits.shape[1]
+
+    disk_bytes = 0
+
+
+@dataclass
+class MappedOutputs:
+    """Outputs too large for memory, read from their files as the steps need them:
+    ``per_view[v][name]`` is sample-major and memory-mapped; a batch's rows are gathered
+    on the CPU, view by view, and moved to ``device``."""
+
+    per_view: list[dict[str, Tensor]]
+    device: torch.device
+
+    def take(self, index: Tensor, view: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        rows = index.cpu()
+        views = view.cpu() if view is not None else torch.zeros_like(rows)
+        present = views.unique().tolist()
+        taken = {}
+        for name, like in self.per_view[0].items():
+            values = like.new_empty((len(rows), *like.shape[1:]))
+            for v in present:
+                at = views == v
+                values[at] = self.per_view[v][name][rows[at]]
+            taken[name] = values.to(self.device, non_blocking=True)
+        return taken.pop(LOGITS), taken
+
+    nbytes = 0  # in memory: the page cache holds what it can
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for o in self.per_view for t in o.values())
+
+    @property
+    def samples(self) -> int:
+        return len(self.per_view[0][LOGITS])
+
+    @property
+    def views(self) -> int:
+        return len(self.per_view)
+
+
+FrozenOutputs = CachedOutputs | MappedOutputs
+
 
 class FillStopped(Exception):
     """A stop was asked for while views were being computed (those written are kept)."""
@@ -80,17 +130,20 @@ def cache_outputs(
     *,
     max_bytes: float,
     directory: Path | None = None,
+    disk_bytes: float = 0.0,
     what: str = "teacher",
     log: Callable[[str], None] = print,
     stop: Callable[[], bool] = lambda: False,
-) -> CachedOutputs | None:
+) -> FrozenOutputs | None:
     """``model``'s outputs (no grad, eval mode) on every training sample of ``loader``
     as every view it can make of it, computed here or read from ``directory``.
 
     ``loader`` must offer ``every_sample(batch_size, view)``, ``views`` and ``labels``,
-    as :class:`~smskd.data.memory.InMemoryLoader` does. None, said in ``log``, when the
-    outputs would need more than ``max_bytes``: the network then runs every step.
-    Raises :class:`FillStopped` between two views once ``stop()`` says so.
+    as :class:`~smskd.data.memory.InMemoryLoader` does. Outputs that need more than
+    ``max_bytes`` of memory are read from their files in ``directory`` as the steps need
+    them (:class:`MappedOutputs`) if they fit ``disk_bytes``; otherwise None, said in
+    ``log``: the network then runs every step. Raises :class:`FillStopped` between two
+    views once ``stop()`` says so.
     """
     if getattr(loader, "every_sample", None) is None:
         raise UserError(
@@ -108,18 +161,23 @@ def cache_outputs(
     first = _forward(model, taps, acceleration, next(iter(loader.every_sample(2, 0))))  # type: ignore[attr-defined]
     total = len(loader.labels)  # type: ignore[attr-defined]
     per_sample = sum(t[0].numel() * t.element_size() for t in first.values()) * views
-    if per_sample * total > max_bytes:
+    size = per_sample * total
+    mapped = size > max_bytes
+    if mapped and (directory is None or size > disk_bytes):
         log(
             f"the {what}'s outputs for {total} samples × {views} views need "
-            f"{per_sample * total / 2**30:.2f} GiB, more than the {max_bytes / 2**30:.2f} "
-            f"GiB left of performance.cache_max_gib: the {what} runs every step of this stage"
+            f"{size / 2**30:.2f} GiB, more than the {max_bytes / 2**30:.2f} GiB left of "
+            f"performance.cache_max_gib and the {disk_bytes / 2**30:.2f} GiB of "
+            f"performance.cache_disk_gib: the {what} runs every step of this stage"
         )
         return None
     if directory is None:
         outputs = [_view_outputs(model, taps, loader, 0, acceleration)]
     else:
         shared = SharedOutputs.open(directory, model, loader, acceleration)
-        outputs = shared.fill(model, taps, loader, acceleration, first, what, log, stop)
+        outputs = shared.fill(model, taps, loader, acceleration, first, what, log, stop, mapped)
+    if mapped:
+        return MappedOutputs(outputs, first[LOGITS].device)
     stacked = {name: torch.stack([o[name] for o in outputs], dim=1) for name in first}
     logits = stacked.pop(LOGITS)
     return CachedOutputs(logits, stacked)
@@ -194,6 +252,7 @@ class SharedOutputs:
         what: str,
         log: Callable[[str], None],
         stop: Callable[[], bool],
+        mapped: bool = False,
     ) -> list[dict[str, Tensor]]:
         """Every view's outputs named in ``like``: each missing one computed by whichever
         process locks its view first, those another process holds waited for."""
@@ -225,7 +284,7 @@ class SharedOutputs:
                 time.sleep(WAIT_SECONDS)
             pending = held
         return [
-            {name: self._load(view, name, like[name]) for name in like}
+            {name: self._load(view, name, like[name], mapped) for name in like}
             for view in range(self.views)
         ]
 
@@ -260,9 +319,10 @@ class SharedOutputs:
             f"in {time.perf_counter() - started:.1f}s ({self.folder})"
         )
 
-    def _load(self, view: int, name: str, like: Tensor) -> Tensor:
+    def _load(self, view: int, name: str, like: Tensor, mapped: bool) -> Tensor:
         path = self.path(view, name)
-        value = safe_load(path, map_location=like.device)  # where the training runs
+        # In memory where the training runs, or memory-mapped (on the CPU).
+        value = safe_load(path, map_location=like.device, mmap=mapped)
         if (
             not isinstance(value, Tensor)
             or value.dtype != like.dtype

@@ -241,6 +241,7 @@ def run_stages(
         acceleration,
         performance.cache_max_gib * 2**30 if performance.cache_teacher else None,
         Path(performance.cache_dir) if performance.cache_dir is not None else None,
+        performance.cache_disk_gib * 2**30,
         nonfinite,
         distributed.current(),
     )
@@ -286,6 +287,7 @@ class _Execution:
     acceleration: Acceleration
     cache_bytes: float | None  # the frozen-output cache's limit; None: no cache
     cache_dir: Path | None  # where the teacher's outputs are shared between runs
+    cache_disk_bytes: float  # how much of them may be read from there, not memory
     nonfinite: str
     job: distributed.Dist  # this process among a torchrun job's ranks
 
@@ -621,6 +623,7 @@ class _StageLoop:
                 self.training.train_data,
                 self.execution.cache_bytes,
                 self.execution.cache_dir,
+                self.execution.cache_disk_bytes,
                 lambda line: self.reporting.log(f"{self.reporting.name}: {line}"),
                 # Under DDP a stop is agreed by every rank at a step; not here.
                 lambda: self.stop.requested and not self.execution.job.enabled,
@@ -628,11 +631,13 @@ class _StageLoop:
         except FillStopped:
             raise self._stopped("while computing the teacher's outputs") from None
         if cached:
-            views = cached[0].logits.shape[1]
-            shown = f"{len(cached[0].logits)} samples" + (f" × {views} views" if views > 1 else "")
+            views = cached[0].views
+            shown = f"{cached[0].samples} samples" + (f" × {views} views" if views > 1 else "")
+            on_disk = sum(c.disk_bytes for c in cached)
+            where = f", {on_disk / 2**30:.1f} GiB read from disk" if on_disk else ""
             self.reporting.log(
                 f"{self.reporting.name}: cached the frozen outputs of {shown} "
-                f"({sum(c.nbytes for c in cached) / 2**20:.1f} MiB) in "
+                f"({sum(c.nbytes for c in cached) / 2**20:.1f} MiB{where}) in "
                 f"{time.perf_counter() - started:.1f}s"
             )
 
