@@ -346,7 +346,7 @@ def test_outputs_beyond_the_limit_run_the_teacher_instead(loaders) -> None:
     lines: list[str] = []
     plain = run(loaders, {})
     small = run(loaders, {"cache_teacher": True, "cache_max_gib": 1e-6}, log=lines.append)
-    assert any("cache_disk_gib: the teacher runs every step" in line for line in lines)
+    assert any("cache_max_gib: the teacher runs every step" in line for line in lines)
     assert plain.history[-1]["train_loss"] == small.history[-1]["train_loss"]
 
 
@@ -556,6 +556,39 @@ def test_outputs_too_large_for_memory_are_read_from_disk(tmp_path, monkeypatch) 
     )
     expected = teacher.eval()(x)
     torch.testing.assert_close(cache.take(index, view)[0], expected, rtol=1e-5, atol=1e-6)
+    first_view = next(iter(loader.every_sample(128, 0)))[0][index]
+    torch.testing.assert_close(
+        cache.take(index, None)[0], teacher(first_view), rtol=1e-5, atol=1e-6
+    )
+    # A mapped file is checked by its recorded size (hashing would read it all).
+    damaged = next(tmp_path.glob("*/view-005/logits.pt"))
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    with pytest.raises(UserError, match="truncated or damaged"):
+        cache_outputs(
+            teacher,
+            None,
+            loader,
+            Acceleration("cpu"),
+            max_bytes=1e4,
+            directory=tmp_path,
+            disk_bytes=2**30,
+            log=lambda _: None,
+        )
+    # No room on the disk for what a fill would write: one line before computing anything.
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 1000))
+    with pytest.raises(UserError, match="GiB free"):
+        cache_outputs(
+            net(5, (8, 16, 16)),
+            None,
+            loader,
+            Acceleration("cpu"),
+            max_bytes=1e4,
+            directory=tmp_path,
+            disk_bytes=2**30,
+            log=lambda _: None,
+        )
     assert (
         cache_outputs(
             teacher,

@@ -224,6 +224,17 @@ def _verify(path: Path, handle: BinaryIO) -> str | None:
     return actual
 
 
+def _check_size(path: Path, handle: BinaryIO) -> None:
+    recorded = _read_sidecar(path)
+    size = recorded[1] if recorded is not None else None
+    actual = os.fstat(handle.fileno()).st_size
+    if size is not None and actual != size:
+        raise UserError(
+            f"checkpoint {str(path)!r} is truncated or damaged: {actual} bytes, but "
+            f"{checksum_path(path).name} records {size}"
+        )
+
+
 def verify_checkpoint(path: str | Path) -> bool:
     """True if ``path`` matches its sidecar, False if it has none; a UserError if it differs."""
     path = Path(path)
@@ -349,17 +360,26 @@ def safe_load(
     The file is checked against its ``.sha256`` sidecar first, when it has one (and
     ``verify``), and against ``sha256`` when given (the digest recorded when this run
     wrote it); safetensors files are read with the safetensors package. ``mmap``: a
-    torch file's tensors are memory-mapped on the CPU, not read in.
+    torch file's tensors are memory-mapped on the CPU, not read in; the file is then
+    checked against the sidecar's size only (hashing would read all of what mapping
+    leaves on disk), and must still be the file checked when it is mapped.
     """
     path = Path(path)
     with _open_file(path) as handle:
-        verified = _verify(path, handle) if verify else None
+        verified = None
+        if verify and mmap:
+            _check_size(path, handle)
+        elif verify:
+            verified = _verify(path, handle)
         if sha256 is not None:
             _check_recorded(path, handle, sha256, verified)
         head = handle.read(64)
         handle.seek(0)
         if head.startswith(_ZIP_MAGIC) or (head[:1] == b"\x80" and _LEGACY_MAGIC in head[:32]):
-            return _torch_load(path, handle, map_location, mmap)
+            loaded = _torch_load(path, handle, map_location, mmap)
+            if mmap and not os.path.samestat(os.stat(path), os.fstat(handle.fileno())):
+                raise UserError(f"{path} was replaced while it was loaded; load it again")
+            return loaded
         size = os.fstat(handle.fileno()).st_size
         if _is_safetensors(path) or _looks_like_safetensors(head, size):
             return _load_safetensors(path, handle.read(), map_location)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,7 +98,8 @@ class MappedOutputs:
             for v in present:
                 at = views == v
                 values[at] = self.per_view[v][name][rows[at]]
-            taken[name] = values.to(self.device, non_blocking=True)
+            # Asynchronous only where a copy from pageable memory is safe to be.
+            taken[name] = values.to(self.device, non_blocking=self.device.type == "cuda")
         return taken.pop(LOGITS), taken
 
     nbytes = 0  # in memory: the page cache holds what it can
@@ -164,11 +166,12 @@ def cache_outputs(
     size = per_sample * total
     mapped = size > max_bytes
     if mapped and (directory is None or size > disk_bytes):
+        disk = f" and the {disk_bytes / 2**30:.2f} GiB of performance.cache_disk_gib"
         log(
             f"the {what}'s outputs for {total} samples × {views} views need "
             f"{size / 2**30:.2f} GiB, more than the {max_bytes / 2**30:.2f} GiB left of "
-            f"performance.cache_max_gib and the {disk_bytes / 2**30:.2f} GiB of "
-            f"performance.cache_disk_gib: the {what} runs every step of this stage"
+            f"performance.cache_max_gib{disk if directory is not None else ''}: the {what} "
+            "runs every step of this stage"
         )
         return None
     if directory is None:
@@ -256,6 +259,7 @@ class SharedOutputs:
     ) -> list[dict[str, Tensor]]:
         """Every view's outputs named in ``like``: each missing one computed by whichever
         process locks its view first, those another process holds waited for."""
+        self._check_space(like, loader)
         pending, waiting_since = list(range(self.views)), None
         while pending:
             held = []
@@ -287,6 +291,20 @@ class SharedOutputs:
             {name: self._load(view, name, like[name], mapped) for name in like}
             for view in range(self.views)
         ]
+
+    def _check_space(self, like: dict[str, Tensor], loader: Any) -> None:
+        """Refuse in one line, before computing, outputs the disk has no room for."""
+        per_sample = {name: t[0].numel() * t.element_size() for name, t in like.items()}
+        needed = len(loader.labels) * sum(
+            per_sample[name] for view in range(self.views) for name in self._missing(view, like)
+        )
+        free = shutil.disk_usage(self.folder).free
+        if needed > free:
+            raise UserError(
+                f"performance.cache_dir: the teacher's outputs need {needed / 2**30:.1f} GiB "
+                f"more in {self.folder}, and its disk has {free / 2**30:.1f} GiB free; free "
+                "space there, choose another cache_dir, or lower performance.cache_disk_gib"
+            )
 
     def _missing(self, view: int, like: dict[str, Tensor]) -> list[str]:
         return [name for name in like if not self.path(view, name).is_file()]
