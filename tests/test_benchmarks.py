@@ -19,6 +19,7 @@ import pipeline_speedup  # noqa: E402
 import reference_overhead  # noqa: E402
 import run_all  # noqa: E402
 import smskd_vs_joint  # noqa: E402
+import study_precision  # noqa: E402
 
 TOY = ["--repeats", "1", "--quick"]
 
@@ -31,6 +32,7 @@ TOY = ["--repeats", "1", "--quick"]
         pytest.param(epoch_speedup, ["--images", "256"], marks=pytest.mark.slow),
         pytest.param(smskd_vs_joint, ["--images", "256"], marks=pytest.mark.slow),
         pytest.param(augmented_cache, ["--images", "128"], marks=pytest.mark.slow),
+        pytest.param(study_precision, ["--images", "128"], marks=pytest.mark.slow),
     ],
     ids=lambda v: getattr(v, "__name__", ""),
 )

@@ -10,8 +10,17 @@ from pathlib import Path
 
 from smskd import distill, load_config
 
+# As it ran: the study was fp32 then (check_bf16.py checks its bf16 setting).
+FP32 = ["performance.precision=fp32", "performance.channels_last=false"]
+
 root = Path("/tmp/sameseed")
-common = ["data.train_subset=1000", "stages.0.epochs=2", "stages.1.epochs=1", "stages.2.epochs=2"]
+common = [
+    *FP32,
+    "data.train_subset=1000",
+    "stages.0.epochs=2",
+    "stages.1.epochs=1",
+    "stages.2.epochs=2",
+]
 for name, extra in [
     ("live", ["performance.cache_teacher=false", "performance.cache_dir=null"]),
     ("cached", ["performance.cache_teacher=true", f"performance.cache_dir={root}/outputs"]),
