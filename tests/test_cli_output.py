@@ -50,6 +50,7 @@ def test_every_command_has_help_with_an_example(capsys) -> None:
         assert info.value.code == 0
         text = capsys.readouterr().out
         assert f"example: {EXAMPLES[command]}" in text and "--json" in text, command
+        assert "%%" not in text, command  # argparse formats help strings, not descriptions
 
 
 def test_json_mode_prints_one_object_and_keeps_logs_off_stdout(

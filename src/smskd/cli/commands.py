@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
             help=help_text,
-            description=help_text,
+            description=help_text % {},  # argparse %-formats help, not the description
             epilog=f"example: {EXAMPLES[name]}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
             parents=[output],
