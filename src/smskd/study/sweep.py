@@ -29,10 +29,13 @@ tuning runs before the runs whose β they choose.
 A ``tune:`` section chooses method weights β on the validation split before anything
 else runs: each listed method alone (the ``single`` recipe) at each β of its grid, on
 the tuning seeds; the β with the highest mean last-epoch validation accuracy then
-weighs that method in every other run of the sweep (single, joint, SMSKD alike)::
+weighs that method in every other run of the sweep (single, joint, SMSKD alike). The
+tuning seeds are not the sweep's: the winning β's run is the one whose seed happened to
+do well on validation, so on a shared seed its single-method run would start the
+comparison ahead (test and validation share that run's luck)::
 
     tune:
-      seeds: [0]
+      seeds: [5]                # default: one past the sweep's largest seed
       weights: {fitnets: [1, 10, 100], rkd: [0.1, 1, 10]}
 """
 
@@ -54,7 +57,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from smskd.config import (
     ReferenceConfig,
@@ -125,7 +128,7 @@ def check_weight_grids(cls: type, grids: dict[str, list[float]]) -> dict[str, li
 class TuneConfig(_Strict):
     """β grids chosen on validation before the sweep's other runs (see the module doc)."""
 
-    seeds: list[int] | None = Field(default=None, min_length=1)  # default: the first seed
+    seeds: list[int] | None = Field(default=None, min_length=1)  # default: max(seeds) + 1
     weights: dict[str, list[float]] = Field(min_length=1)
 
     _grids = field_validator("weights")(check_weight_grids)
@@ -145,7 +148,18 @@ class SweepConfig(_Strict):
     def tune_seeds(self) -> list[int]:
         if self.tune is None:
             return []
-        return self.tune.seeds or self.seeds[:1]
+        return self.tune.seeds or [max(self.seeds) + 1]
+
+    @model_validator(mode="after")
+    def _tuning_apart(self) -> SweepConfig:
+        shared = sorted(set(self.tune_seeds) & set(self.seeds))
+        if shared:
+            raise ValueError(
+                f"tune.seeds {shared} are also the sweep's seeds: the β chosen on a seed "
+                "favours that seed's single-method run; tune on other seeds, e.g. "
+                f"[{max(self.seeds) + 1}] (the default)"
+            )
+        return self
 
     @field_validator("recipes", mode="before")
     @classmethod
