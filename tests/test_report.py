@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from smskd.cli.commands import main
-from smskd.study.report import write_sweep_report
-from smskd.study.results import load_sweep_results
+from smskd.study.report import comparison_table, findings, write_sweep_report
+from smskd.study.results import RecipeResult, SweepResults, load_sweep_results
+from smskd.study.stats import t_quantile
 
 # Last-epoch accuracies per seed; each run has 4 epochs whose best is the value + 1
 # in epoch 3 (so best-epoch ≠ last-epoch, and the table must tell them apart).
@@ -128,10 +129,13 @@ def test_aggregation_by_hand(sweep_dir: Path) -> None:
     headline = "vs joint: Δ last-epoch accuracy +1.00 [-1.48, +3.48] over 3 paired seeds — no "
     assert headline in report
     # Each ablation against the default run, in words: ref-none -3 [-15.71, +9.71].
-    ablation = "reference against the default SMSKD run (smskd), Δ last-epoch accuracy: "
-    assert f"{ablation}no difference detectable — ref-none -3.00 [-15.71, +9.71]." in report
+    ablation = "reference against the default SMSKD run (smskd), Δ last-epoch test accuracy "
+    ablation += "with 95% CI: no difference detectable — ref-none -3.00 [-15.71, +9.71]."
+    assert ablation in report
     assert "stages against the default" not in report  # stages-2 is the default's own runs
     assert "commit(s) `abc1234`" in report and "configs/sweeps/fake.yaml" in report
+    # stages-2's results are smskd's runs: counted once.
+    assert f"from {sum(len(f) for f in FINAL.values())} distinct runs" in report
     assert "*best epoch* is the best of all epochs on the test split" in report
 
 
@@ -224,3 +228,42 @@ def test_with_a_validation_split_choices_read_validation_only(tmp_path: Path) ->
     row = f"| Δ loss:kd | 0.375 ± 0.177 | 1.000 ± 0.000 | -0.625 [{-0.625 - half:+.3f}, "
     assert row + f"{-0.625 + half:+.3f}] |" in forgetting
     assert "optimistic" in report  # the note on reports without one stays
+
+
+def _recipe(label: str, kind: str, group: str, test: dict, val: dict, runs: dict | None = None):
+    runs = runs or {seed: f"{label}/seed-{seed}" for seed in test}
+    return RecipeResult(label, kind, group, "b", label, final=test, val_final=val, runs=runs)
+
+
+def test_ablation_findings_choose_on_validation_and_adjust_for_several_variants() -> None:
+    smskd = _recipe("smskd", "smskd", "main", {0: 80, 1: 81, 2: 82}, {0: 80, 1: 80, 2: 80})
+    # "a" is better on test, "b" on validation: validation prefers b.
+    a = _recipe("a", "smskd", "choices", {0: 83, 1: 83, 2: 86}, {0: 70, 1: 70, 2: 70})
+    b = _recipe("b", "smskd", "choices", {0: 79, 1: 81, 2: 81}, {0: 90, 1: 90, 2: 90})
+    said = findings(SweepResults({}, [smskd, a, b]), "b")
+    assert "choices: preferred on validation: b (90.00 ± 0.00 val, 80.33 ± 1.15 test" in said[0]
+    # Two variants against the default: 97.5% intervals. a − smskd = 3, 2, 4: mean 3, sd 1.
+    half = t_quantile(1 - 0.0125, 2) / math.sqrt(3)
+    assert "with 97.5% CIs (Bonferroni, 2 comparisons)" in said[1]
+    assert f"a +3.00 [{3 - half:+.2f}, {3 + half:+.2f}]" in said[1]
+    # Unadjusted, a would be called different (3 ± 2.48); adjusted (3 ± 3.57) it is not.
+    assert 3 - 4.302653 / math.sqrt(3) > 0 > 3 - half
+    assert "different —" not in said[1]
+
+
+def test_a_recipe_made_partly_of_another_s_runs_is_compared_on_its_own_seeds_only() -> None:
+    kd = _recipe("single-kd", "single", "main", {0: 80, 1: 81, 2: 83}, {0: 1, 1: 1, 2: 1})
+    # stages-1's seed-0 run is single-kd's (the same config); seeds 1 and 2 are its own.
+    runs = {0: "single-kd/seed-0", 1: "stages-1/seed-1", 2: "stages-1/seed-2"}
+    stages = _recipe("stages-1", "single", "stages", {0: 80, 1: 82, 2: 85}, {}, runs)
+    smskd = _recipe("smskd", "smskd", "main", {0: 70, 1: 70, 2: 70}, {0: 1, 1: 1, 2: 1})
+    table = comparison_table(SweepResults({}, [kd, smskd, stages]), "b", "stages")
+    header, _, *lines = table.splitlines()
+    rows = {}
+    for line in [header, *lines]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header.strip("|").split("|"), cells, strict=True))
+    versus_kd = next(h for h in header.strip("|").split("|") if "vs single-kd" in h)
+    # Against single-kd only seeds 1 and 2 count: differences 1, 2 → +1.50, and the row
+    # is its own, not "(= single-kd)".
+    assert rows["stages-1"][versus_kd].strip("*").startswith("+1.50 [")

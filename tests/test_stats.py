@@ -56,3 +56,12 @@ def test_paired_difference_by_seed() -> None:
     one = paired_difference({0: 1.0}, {0: 0.5})
     assert one is not None and one.low is None and one.verdict == "too few seeds to tell"
     assert paired_difference({0: 1.0}, {1: 1.0}) is None
+
+
+def test_differences_without_spread_give_no_verdict() -> None:
+    # The same difference on every seed: an interval of width 0 is no evidence of a win.
+    same = paired_difference({0: 81.0, 1: 82.0}, {0: 80.0, 1: 81.0})
+    assert same is not None and same.low == same.high == 1.0
+    assert same.verdict == "too few seeds to tell"
+    equal = paired_difference({0: 81.0, 1: 82.0}, {0: 81.0, 1: 82.0})
+    assert equal is not None and equal.verdict == "no clear difference"

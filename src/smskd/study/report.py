@@ -50,7 +50,18 @@ def best_single(results: SweepResults, base: str) -> RecipeResult | None:
 
 
 def _anchor(results: SweepResults, base: str, kind: str) -> RecipeResult | None:
-    return next((r for r in results.of(base, kind=kind) if r.final and r.same_as is None), None)
+    """The recipe of ``kind`` the others are compared with: the main table's first."""
+    candidates = [r for r in results.of(base, kind=kind) if r.final and r.same_as is None]
+    return min(candidates, key=lambda r: r.group != "main", default=None)
+
+
+def paired(a: RecipeResult, b: RecipeResult, confidence: float = 0.95) -> PairedDifference | None:
+    """``a − b`` paired by seed, over the seeds where the two are different runs (a
+    recipe made partly of another's runs is not compared with itself on those)."""
+    seeds = [s for s in set(a.final) & set(b.final) if a.runs.get(s) != b.runs.get(s)]
+    return paired_difference(
+        {s: a.final[s] for s in seeds}, {s: b.final[s] for s in seeds}, confidence
+    )
 
 
 def _mean(values: dict[int, float]) -> float:
@@ -73,16 +84,18 @@ def comparison_table(results: SweepResults, base: str, group: str) -> str:
 
     def versus(anchor: RecipeResult, r: RecipeResult) -> PairedDifference | None:
         # The anchor's own row (or a row made of its runs) has no difference to show.
-        if anchor.label in (r.label, r.same_as):
-            return None
-        return paired_difference(r.final, anchor.final)
+        return paired(r, anchor)
 
     diffs = {key: {r.label: versus(anchor, r) for r in shown} for key, anchor in anchors}
     validated = results.has_validation
     columns = {
         "val": {r.label: _mean(r.val_final) for r in shown if r.val_final},
         "last": {r.label: _mean(r.final) for r in shown},
-        "best": {r.label: _mean(r.selected if validated else r.best) for r in shown if r.best},
+        "best": {
+            r.label: _mean(r.selected if validated else r.best)
+            for r in shown
+            if (r.selected if validated else r.best)
+        },
         **{
             key: {label: d.mean for label, d in by_label.items() if d is not None}
             for key, by_label in diffs.items()
@@ -136,24 +149,43 @@ def comparison_table(results: SweepResults, base: str, group: str) -> str:
 
 def _against_default(smskd: RecipeResult, recipes: list[RecipeResult], group: str) -> list[str]:
     """One sentence per ablation group: each variant against the default SMSKD run on
-    the seeds both have — which of them changes the result, and which does not."""
+    the seeds both have — which of them changes the result, and which does not. With m
+    variants, each interval is Bonferroni-adjusted (confidence 1 − 0.05/m), so that the
+    chance of calling any of them different by luck stays under 5%."""
+    variants = [r for r in recipes if (d := paired(r, smskd)) is not None and d.low is not None]
+    if not variants:
+        return []
+    m = len(variants)
     clear, unclear = [], []
-    for recipe in recipes:
-        if smskd.label in (recipe.label, recipe.same_as):
-            continue
-        diff = paired_difference(recipe.final, smskd.final)
-        if diff is None or diff.low is None:
-            continue
+    for recipe in variants:
+        diff = paired(recipe, smskd, confidence=1 - 0.05 / m)
+        assert diff is not None
         text = f"{recipe.label} {_diff_text(diff)}"
         (clear if diff.verdict in ("higher", "lower") else unclear).append(text)
-    if not clear and not unclear:
-        return []
-    said = f"{group} against the default SMSKD run ({smskd.label}), Δ last-epoch accuracy: "
+    adjusted = f"{100 - 5 / m:.4g}% CIs (Bonferroni, {m} comparisons)" if m > 1 else "95% CI"
+    said = (
+        f"{group} against the default SMSKD run ({smskd.label}), Δ last-epoch test "
+        f"accuracy with {adjusted}: "
+    )
     if clear:
         said += f"different — {'; '.join(clear)}"
     if unclear:
         said += ("; " if clear else "") + f"no difference detectable — {'; '.join(unclear)}"
     return [said + "."]
+
+
+def _preferred(results: SweepResults, recipes: list[RecipeResult]) -> str | None:
+    """Which recipe of an ablation group the validation split prefers (never test)."""
+    if not results.has_validation:
+        return None
+    scored = [r for r in recipes if r.val_final and r.final]
+    if len(scored) < 2:
+        return None
+    top = max(scored, key=lambda r: _mean(r.val_final))
+    return (
+        f"preferred on validation: {top.label} ({_mean_std_text(top.val_final)} val, "
+        f"{_mean_std_text(top.final)} test, {top.seeds} seed{'s' * (top.seeds != 1)})"
+    )
 
 
 def findings(results: SweepResults, base: str) -> list[str]:
@@ -165,14 +197,14 @@ def findings(results: SweepResults, base: str) -> list[str]:
     for anchor, name in ((joint, "joint"), (single, single.label if single else "")):
         if smskd is None or anchor is None:
             continue
-        diff = paired_difference(smskd.final, anchor.final)
+        diff = paired(smskd, anchor)
         if diff is None:
             continue
         verdict = {
             "higher": "SMSKD is better",
             "lower": "SMSKD is worse",
             "no clear difference": "no difference is detectable at this number of seeds",
-            "too few seeds to tell": "one seed: too few to tell",
+            "too few seeds to tell": "too few seeds to tell",
         }[diff.verdict]
         out.append(
             f"SMSKD ({smskd.label}: {smskd.stages}) vs {name}: Δ last-epoch accuracy "
@@ -181,24 +213,12 @@ def findings(results: SweepResults, base: str) -> list[str]:
     for group in results.groups(base):
         if group in ("main", TUNE_GROUP):
             continue
-        ranked = sorted(
-            (r for r in results.of(base, group) if r.final),
-            key=lambda r: _mean(r.final),
-            reverse=True,
-        )
-        if len(ranked) >= 2:
-            top, bottom = ranked[0], ranked[-1]
-            diff = paired_difference(top.final, bottom.final)
-            verdict = {"higher": "a clear difference", "lower": "a clear difference"}.get(
-                diff.verdict if diff else "", diff.verdict if diff else "no common seed"
-            )
-            out.append(
-                f"{group}: best {top.label} ({_mean_std_text(top.final)}), worst "
-                f"{bottom.label} ({_mean_std_text(bottom.final)}); best − worst "
-                f"{_diff_text(diff)} — {verdict}."
-            )
+        recipes = [r for r in results.of(base, group) if r.final]
+        preferred = _preferred(results, recipes)
+        if preferred:
+            out.append(f"{group}: {preferred}.")
         if smskd is not None:
-            out += _against_default(smskd, ranked, group)
+            out += _against_default(smskd, recipes, group)
     if smskd is not None:
         weights = [
             r["train_ref_weight_mean"]
@@ -388,12 +408,11 @@ def _provenance(results: SweepResults, root: Path, language_model: bool = False)
         )
     commits = index.get("commits") or [index.get("commit", "unknown")]
     runs = [r for r in results.recipes for _ in r.final]
-    seconds = sum(sum(r.wall_time.values()) for r in results.recipes if r.same_as is None)
+    seconds = {r.runs[s]: r.wall_time[s] for r in results.recipes for s in r.final}
     lines.append(
         f"- Runs made by smskd commit(s) {', '.join(f'`{c}`' for c in commits)}; "
-        f"{len(runs)} recipe×seed results from "
-        f"{sum(len(r.final) for r in results.recipes if r.same_as is None)} distinct runs, "
-        f"{seconds / 60:.0f} min of student training and evaluation."
+        f"{len(runs)} recipe×seed results from {len(seconds)} distinct runs, "
+        f"{sum(seconds.values()) / 60:.0f} min of student training and evaluation."
     )
     lines.append(
         f"- Report written by commit `{git_commit()}`, {software()}, {os.cpu_count()} CPU cores."

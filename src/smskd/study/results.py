@@ -31,7 +31,8 @@ class RecipeResult:
     forgetting: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # seed → rows
     wall_time: dict[int, float] = field(default_factory=dict)  # seed → train+eval seconds
     curves: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # seed → records
-    same_as: str | None = None  # label of the recipe whose runs these are
+    runs: dict[int, str] = field(default_factory=dict)  # seed → the run directory read
+    same_as: str | None = None  # label of the recipe whose runs these all are
 
     @property
     def seeds(self) -> int:
@@ -85,24 +86,24 @@ def load_sweep_results(runs_dir: str | Path) -> SweepResults:
         raise UserError(f"{index_path}: not valid JSON ({err})") from None
     recipes: dict[tuple[str, str], RecipeResult] = {}
     label_of_dir = {run["dir"]: run["label"] for run in index["runs"] if not run.get("same_as")}
+    # A recipe is another's copy only if every one of its runs is (single-kd's seed-0 run
+    # may be a tuning run while its other seeds are its own).
+    copied: dict[tuple[str, str], set[str | None]] = {}
     for run in index["runs"]:
         key = (run["base"], run["label"])
+        same = run.get("same_as")
+        copied.setdefault(key, set()).add(label_of_dir.get(same) if same else None)
         if key not in recipes:
-            same = run.get("same_as")
             recipes[key] = RecipeResult(
-                run["label"],
-                run["kind"],
-                run["group"],
-                run["base"],
-                run["stages"],
-                same_as=label_of_dir.get(same) if same else None,
+                run["label"], run["kind"], run["group"], run["base"], run["stages"]
             )
         recipe = recipes[key]
-        run_dir = located(root, run.get("same_as") or run["dir"])
+        run_dir = located(root, same or run["dir"])
         records = MetricsLog(run_dir / "metrics.jsonl").records
         if not (run_dir / "result.json").is_file() or not records:
             continue  # not finished (yet): its seed is not counted
         seed = run["seed"]
+        recipe.runs[seed] = str(run_dir.resolve())
         recipe.final[seed] = records[-1]["test_acc"]
         recipe.best[seed] = max(r["test_acc"] for r in records)
         recipe.wall_time[seed] = sum(r["epoch_time"] for r in records)
@@ -113,6 +114,9 @@ def load_sweep_results(runs_dir: str | Path) -> SweepResults:
         rows = _forgetting_rows(run_dir / FORGETTING)
         if rows:
             recipe.forgetting[seed] = rows
+    for key, labels in copied.items():
+        if len(labels) == 1:
+            recipes[key].same_as = labels.pop()
     return SweepResults(index, list(recipes.values()))
 
 

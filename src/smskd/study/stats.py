@@ -89,8 +89,12 @@ class PairedDifference:
 
     @property
     def verdict(self) -> str:
-        """``higher`` / ``lower`` when the CI excludes 0, else ``no clear difference``."""
+        """``higher`` / ``lower`` when the CI excludes 0, else ``no clear difference``.
+        Differences without spread (the same on every seed) give an interval of width 0
+        that says nothing about the spread to expect: no verdict unless they are all 0."""
         if self.low is None or self.high is None:
+            return "too few seeds to tell"
+        if self.low == self.high and self.mean != 0:
             return "too few seeds to tell"
         if self.low > 0:
             return "higher"
