@@ -127,3 +127,33 @@ def test_a_method_keyed_on_training_indices_is_left_out_of_the_probe(indexed_dat
     result = run_stages(make_student(), teacher, stages, train, test, probe_data=probe, **QUIET)
     assert [row["measures"]["loss:crd"] for row in result.forgetting] == [None, None]
     assert all(row["measures"]["loss:kd"] is not None for row in result.forgetting)
+
+
+def test_a_stage_with_crd_before_a_method_with_helpers_measures_it(indexed_data, teacher) -> None:
+    # CRD is left out of the probe; FitNets after it must still get its own regressor.
+    train, test = indexed_data
+    x, y, index = train.dataset.tensors
+    probe = DataLoader(TensorDataset(x[96:], y[96:], index[96:]), batch_size=16)
+    stages = [Stage(methods=["crd", "fitnets"], epochs=1)]
+    result = run_stages(make_student(), teacher, stages, train, test, probe_data=probe, **QUIET)
+    measures = result.forgetting[0]["measures"]
+    assert measures["loss:crd"] is None and measures["loss:fitnets"] > 0
+
+
+def test_a_method_in_two_stages_has_a_column_per_stage(tiny_data, teacher) -> None:
+    """kd at T=4, then at T=1: one column could not mean one loss all the way down."""
+    train, probe, test = _split(tiny_data)
+    stages = [
+        Stage(methods=[{"name": "kd", "temperature": 4.0}], epochs=1),
+        Stage(methods=[{"name": "kd", "temperature": 1.0}], epochs=1),
+    ]
+    result = run_stages(make_student(), teacher, stages, train, test, probe_data=probe, **QUIET)
+    first, second = (row["measures"] for row in result.forgetting)
+    assert {k for k in first if k.startswith("loss:")} == {"loss:kd@1", "loss:kd@2"}
+    x = torch.cat([b[0] for b in probe])
+    with torch.no_grad():
+        student, t = result.student.eval()(x), teacher(x)
+    # The last row's stage-1 column is KD at T=4 (with the τ² factor), the other at T=1.
+    for key, tau in (("loss:kd@1", 4.0), ("loss:kd@2", 1.0)):
+        kl = F.kl_div(F.log_softmax(student / tau, 1), F.softmax(t / tau, 1), reduction="none")
+        assert second[key] == pytest.approx(kl.sum(1).mean().item() * tau**2, rel=1e-4), key

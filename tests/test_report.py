@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from smskd.cli.commands import main
-from smskd.study.report import comparison_table, findings, write_sweep_report
+from smskd.study.report import (
+    comparison_table,
+    findings,
+    forgetting_section,
+    write_sweep_report,
+)
 from smskd.study.results import RecipeResult, SweepResults, load_sweep_results
 from smskd.study.stats import t_quantile
 
@@ -267,3 +272,20 @@ def test_a_recipe_made_partly_of_another_s_runs_is_compared_on_its_own_seeds_onl
     # Against single-kd only seeds 1 and 2 count: differences 1, 2 → +1.50, and the row
     # is its own, not "(= single-kd)".
     assert rows["stages-1"][versus_kd].strip("*").startswith("+1.50 [")
+
+
+def test_what_stage_1_lost_is_compared_on_the_seeds_both_recipes_have() -> None:
+    def rows(first: float, last: float) -> list[dict]:
+        return [
+            {"stage": 1, "label": "kd", "methods": ["kd"], "measures": {"loss:kd": first}},
+            {"stage": 2, "label": "rkd", "methods": ["rkd"], "measures": {"loss:kd": last}},
+        ]
+
+    smskd = _recipe("smskd", "smskd", "main", {0: 80, 1: 80, 2: 80}, {})
+    smskd.forgetting = {0: rows(1, 1.5), 1: rows(1, 1.5), 2: rows(1, 9.5)}
+    off = _recipe("ref-none", "smskd", "reference", {0: 80, 1: 80}, {})
+    off.forgetting = {0: rows(1, 2), 1: rows(1, 2)}
+    text = "\n".join(forgetting_section(SweepResults({}, [smskd, off]), "b"))
+    # Seed 2 (ref-none never finished it) is in neither column: 0.5 vs 1.0, Δ -0.5.
+    assert "| Δ loss:kd | 0.500 ± 0.000 | 1.000 ± 0.000 | -0.500 [" in text
+    assert "KL(p_j ‖ p_k)" in text and "Δ teacher_agreement: positive, it kept more" in text

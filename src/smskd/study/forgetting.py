@@ -44,7 +44,7 @@ def stage_one_forgetting(recipe: RecipeResult) -> dict[str, dict[int, float]]:
     KL from stage 1's student."""
     out: dict[str, dict[int, float]] = {}
     for seed, rows in recipe.forgetting.items():
-        if len(rows) < 2:
+        if len(rows) < 2 or rows[0]["stage"] != 1:
             continue
         first, last = rows[0]["measures"], rows[-1]["measures"]
         taught = [key for key in first if key.startswith("loss:") and _trained_in(rows[0], key)]
@@ -57,5 +57,8 @@ def stage_one_forgetting(recipe: RecipeResult) -> dict[str, dict[int, float]]:
 
 
 def _trained_in(row: dict[str, Any], key: str) -> bool:
-    """Whether the stage of ``row`` trained the method of measure ``key``."""
-    return key.removeprefix("loss:") in row.get("methods", row["label"].split("+"))
+    """Whether the stage of ``row`` trained the method of measure ``key`` (``loss:kd``,
+    or ``loss:kd@1`` for a method that several stages use)."""
+    name, _, at = key.removeprefix("loss:").partition("@")
+    trained = name in row.get("methods", row["label"].split("+"))
+    return trained and (not at or int(at) == row["stage"])

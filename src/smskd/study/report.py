@@ -327,8 +327,10 @@ def forgetting_section(results: SweepResults, base: str) -> list[str]:
         "",
         "Measured at every stage end on a fixed probe set of validation images: each "
         "method's own loss against the teacher (lower: closer; a method with trained "
-        "helpers from its own stage on), agreement with the teacher's argmax (%), probe "
-        "accuracy (%), and KL from each earlier stage end's student. Means over seeds.",
+        "helpers from its own stage on; `@k`: as stage k uses it), agreement with the "
+        "teacher's argmax (%), probe accuracy (%), and `kl_to_stagej` = KL(p_j ‖ p_k), "
+        "p_j the softmax (T = 1) of stage j's student, p_k this row's, averaged over the "
+        "probe images. Means over seeds.",
         "",
     ]
     for recipe in recipes:
@@ -348,18 +350,21 @@ def forgetting_section(results: SweepResults, base: str) -> list[str]:
     if smskd is not None and off is not None:
         mine, theirs = stage_one_forgetting(smskd), stage_one_forgetting(off)
         lines += [
-            f"What the later stages took from stage 1, {smskd.label} minus ref-none "
-            "(paired by seed; for a loss, negative: the reference kept more of stage 1):",
+            f"What the later stages took from stage 1, {smskd.label} minus ref-none, on "
+            "the seeds both have, paired by seed. Δ of a loss and kl_to_stage1: negative, "
+            "the reference kept more of stage 1; Δ teacher_agreement: positive, it kept more:",
             "",
             f"| measure | {smskd.label} | ref-none | Δ [95% CI] |",
             "|---|---:|---:|---:|",
         ]
         for key in mine:
-            if key in theirs:
-                diff = paired_difference(mine[key], theirs[key])
+            seeds = set(mine[key]) & set(theirs.get(key, {}))
+            if seeds:
+                a = {s: mine[key][s] for s in seeds}
+                b = {s: theirs[key][s] for s in seeds}
                 lines.append(
-                    f"| {key} | {_mean_std_text(mine[key], 3)} | "
-                    f"{_mean_std_text(theirs[key], 3)} | {_diff_text(diff, 3)} |"
+                    f"| {key} | {_mean_std_text(a, 3)} | {_mean_std_text(b, 3)} | "
+                    f"{_diff_text(paired_difference(a, b), 3)} |"
                 )
         lines.append("")
     return lines

@@ -6,9 +6,12 @@ the frozen reference prevents it. Row ``k`` of the matrix describes the student 
 that stage ``k`` left, on the probe:
 
     loss:<method>       the method's own loss of S_k against the teacher (lower: closer),
-                        for every method anywhere in the run. A method with trained
-                        helpers (FitNets' regressor) is measured with those its own stage
-                        trained, so from that stage on; before it the cell is empty.
+                        for every method anywhere in the run, with the options of the
+                        stage that uses it. A method with trained helpers (FitNets'
+                        regressor) is measured with those its own stage trained, so from
+                        that stage on; before it the cell is empty. A method used by
+                        several stages has a column per stage, loss:<method>@<stage>, so
+                        that a column means one loss all the way down.
     teacher_agreement   % of probe images where S_k's argmax is the teacher's
     probe_acc           S_k's accuracy on the probe's labels
     kl_to_stage<j>      mean_i KL(softmax(S_j) ‖ softmax(S_k)) for each earlier stage end j
@@ -21,6 +24,7 @@ bank) are not measured: a probe image has no training index.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,18 +123,16 @@ class ForgettingProbe:
         return self._logits[number]
 
     def _method_losses(self, number: int, student: nn.Module) -> dict[str, float | None]:
-        """Each method of the run, measured with the stage that trains it: the latest such
-        stage up to ``number`` (its helpers as trained), else the first one after it."""
-        home: dict[str, int] = {}
-        for k, stage in enumerate(self.stages, 1):
-            for spec in stage.methods:
-                if k <= number or spec.name not in home:
-                    home[spec.name] = k
+        """Each stage's methods, measured with that stage's options (and its helpers as
+        trained, once it has run)."""
+        uses = Counter(spec.name for stage in self.stages for spec in stage.methods)
         losses: dict[str, float | None] = {}
-        for k in sorted(set(home.values())):
-            names = [name for name, at in home.items() if at == k]
-            losses.update(self._stage_losses(k, names, trained=k <= number, student=student))
-        return {f"loss:{name}": losses[name] for name in home}
+        for k, stage in enumerate(self.stages, 1):
+            names = [spec.name for spec in stage.methods]
+            measured = self._stage_losses(k, names, trained=k <= number, student=student)
+            for name in names:
+                losses[f"loss:{name}" if uses[name] == 1 else f"loss:{name}@{k}"] = measured[name]
+        return losses
 
     def _stage_losses(
         self, k: int, names: list[str], trained: bool, student: nn.Module
@@ -138,7 +140,9 @@ class ForgettingProbe:
         stage = self.stages[k - 1]
         # A method keyed on training-sample indices is not measured (and not built: its
         # memory bank needs the training set's size).
-        kept = [spec for spec in stage.methods if not METHODS[spec.name].needs_index]
+        # Helper states are saved for every method of the stage, kept or not.
+        saved_at = [i for i, spec in enumerate(stage.methods) if not METHODS[spec.name].needs_index]
+        kept = [stage.methods[i] for i in saved_at]
         if not kept:
             return dict.fromkeys(names)
         stage = stage.model_copy(update={"methods": kept})
@@ -157,7 +161,7 @@ class ForgettingProbe:
                 if has_helpers:
                     if states is None:
                         continue  # helpers not trained yet (or not saved): no honest value
-                    method.load_state_dict(states[built.methods.index(method)])
+                    method.load_state_dict(states[saved_at[built.methods.index(method)]])
                 method.start_epoch(stage.epochs - 1, stage.epochs)
                 usable[method.name] = method.eval()
             sums = dict.fromkeys(usable, 0.0)
