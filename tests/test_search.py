@@ -19,6 +19,7 @@ from smskd.config import load_config
 from smskd.errors import UserError
 from smskd.experiment import distill
 from smskd.study.search import BEST, Search, load_search, naive_counts, run_search
+from smskd.study.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -71,6 +72,16 @@ def test_each_prefix_is_trained_once_and_extended_from_its_student(tmp_path: Pat
     assert visits > len(trained)  # plans shared prefixes instead of training them again
     assert best.val_acc == max(r["val_acc"] for r in trained.values())
     assert (out / "report.md").is_file() and (out / BEST).is_file()
+    # The final retrain: a sweep of the chosen plan beside the baselines, on seeds apart
+    # from the search's (0).
+    final = load_sweep(out / "final.yaml")
+    assert final.seeds == [1, 2, 3]
+    searched = final.recipes[-1]
+    assert searched.name == "searched" and [r.kind for r in final.recipes] == [
+        "single", "joint", "smskd", "smskd"
+    ]  # fmt: skip
+    chosen = load_config(out / BEST).stages
+    assert [s.methods[0].name for s in chosen] == [s.method for s in best.stages]
 
 
 def test_the_budget_is_respected(tmp_path: Path) -> None:
@@ -115,6 +126,7 @@ def test_a_plan_that_diverges_is_recorded_and_the_search_goes_on(tmp_path: Path)
         ({"budget": {}}, "give stage_trainings, student_epochs or seconds"),
         ({"epochs": [0]}, "every epoch choice must be > 0"),
         ({"lam": [-1]}, "every λ must be ≥ 0"),
+        ({"seed": 2, "final": {"seeds": [1, 2]}}, r"include the search's seed 2.*\[3, 4, 5\]"),
     ],
 )
 def test_bad_specs_are_one_line(tmp_path: Path, fields, message) -> None:

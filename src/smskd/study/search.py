@@ -12,7 +12,7 @@ choices, the λ choices, the longest plan and a budget::
     lam: [0.5, 1, 2]
     max_stages: 3
     budget: {stage_trainings: 40}
-    final: {seeds: [0, 1, 2]}
+    final: {seeds: [1, 2, 3]}
 
 **Prefix sharing.** SMSKD's stages are sequential: a plan's stage k starts from the
 student its first k − 1 stages left, anchored to it. Every distinct prefix (the plan so
@@ -31,7 +31,9 @@ lock and trained by one of them only.
 
 The best prefix becomes ``OUT/best.yaml`` (a config ``smskd distill`` runs), and a
 final retrain on the test split compares it with single KD, joint and the base plan
-over the ``final`` seeds (a sweep into ``OUT/final``). The test split chooses nothing.
+over the ``final`` seeds (a sweep into ``OUT/final``). The test split chooses nothing,
+and the final seeds are not the search's: on the search seed the chosen plan's run is
+the one that won on validation, and test would share its luck.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class Budget(_Strict):
 
 
 class FinalRetrain(_Strict):
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[int] | None = Field(default=None, min_length=1)  # default: 3 past the seed
 
 
 class SearchSpec(_Strict):
@@ -120,6 +122,20 @@ class SearchSpec(_Strict):
         if any(v < 0 for v in lam):
             raise ValueError("every λ must be ≥ 0")
         return lam
+
+    @property
+    def final_seeds(self) -> list[int]:
+        return self.final.seeds or [self.seed + 1, self.seed + 2, self.seed + 3]
+
+    @model_validator(mode="after")
+    def _final_apart(self) -> SearchSpec:
+        if self.seed in self.final_seeds:
+            raise ValueError(
+                f"final.seeds include the search's seed {self.seed}: the plan chosen on it "
+                "would start the test comparison ahead; retrain on other seeds, e.g. "
+                f"[{self.seed + 1}, {self.seed + 2}, {self.seed + 3}] (the default)"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -467,7 +483,7 @@ class Search:
         final = {
             "name": f"{self.spec.name}-final",
             "base": str(self.base_path),
-            "seeds": self.spec.final.seeds,
+            "seeds": self.spec.final_seeds,
             # The teacher the plan was chosen with, trained by the search if it had to be.
             "set": [*self.spec.set, f"teacher.checkpoint={self.base.teacher.checkpoint}"],
             "recipes": [
