@@ -330,7 +330,8 @@ def forgetting_section(results: SweepResults, base: str) -> list[str]:
         "helpers from its own stage on; `@k`: as stage k uses it), agreement with the "
         "teacher's argmax (%), probe accuracy (%), and `kl_to_stagej` = KL(p_j ‖ p_k), "
         "p_j the softmax (T = 1) of stage j's student, p_k this row's, averaged over the "
-        "probe images. Means over seeds.",
+        "probe images. A row is its stage's last epoch (with `reference.snapshot: best` "
+        "the next stage's reference is its best validation epoch instead). Means over seeds.",
         "",
     ]
     for recipe in recipes:
