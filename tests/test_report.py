@@ -10,6 +10,7 @@ import pytest
 
 from smskd.cli.commands import main
 from smskd.study.report import (
+    best_single,
     comparison_table,
     findings,
     forgetting_section,
@@ -289,3 +290,12 @@ def test_what_stage_1_lost_is_compared_on_the_seeds_both_recipes_have() -> None:
     # Seed 2 (ref-none never finished it) is in neither column: 0.5 vs 1.0, Δ -0.5.
     assert "| Δ loss:kd | 0.500 ± 0.000 | 1.000 ± 0.000 | -0.500 [" in text
     assert "KL(p_j ‖ p_k)" in text and "Δ teacher_agreement: positive, it kept more" in text
+
+
+def test_the_best_single_method_is_chosen_on_the_seeds_all_of_them_have() -> None:
+    # A partial sweep: single-fitnets's seed 1 is in, single-kd's is not yet.
+    kd = _recipe("single-kd", "single", "main", {0: 80}, {0: 85})
+    fitnets = _recipe("single-fitnets", "single", "main", {0: 80, 1: 80}, {0: 90, 1: 70})
+    # On seed 0, the only one both have, FitNets is better (90 vs 85), though its
+    # mean over its own seeds (80) is lower.
+    assert best_single(SweepResults({}, [kd, fitnets]), "b") is fitnets

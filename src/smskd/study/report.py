@@ -43,10 +43,18 @@ def best_single(results: SweepResults, base: str) -> RecipeResult | None:
     accuracy when the runs have a validation split (the test split never chooses),
     else test accuracy (an older sweep; the report says so)."""
     singles = [r for r in results.of(base, kind="single") if r.final and r.group != TUNE_GROUP]
-    if results.has_validation:
-        singles = [r for r in singles if r.val_final]
-        return max(singles, key=lambda r: _mean(r.val_final), default=None)
-    return max(singles, key=lambda r: _mean(r.final), default=None)
+    scores = (
+        [r.val_final for r in singles] if results.has_validation else [r.final for r in singles]
+    )
+    scored = [(r, s) for r, s in zip(singles, scores, strict=True) if s]
+    # On the seeds all of them have (a partial sweep: the choice must not flip with
+    # which seeds happen to have finished), if there are any.
+    common = set.intersection(*(set(s) for _, s in scored)) if scored else set()
+    return max(
+        scored,
+        key=lambda rs: _mean({k: rs[1][k] for k in common} if common else rs[1]),
+        default=(None, None),
+    )[0]
 
 
 def _anchor(results: SweepResults, base: str, kind: str) -> RecipeResult | None:
