@@ -299,3 +299,12 @@ def test_the_best_single_method_is_chosen_on_the_seeds_all_of_them_have() -> Non
     # On seed 0, the only one both have, FitNets is better (90 vs 85), though its
     # mean over its own seeds (80) is lower.
     assert best_single(SweepResults({}, [kd, fitnets]), "b") is fitnets
+
+
+def test_a_recipe_without_validation_in_a_validated_sweep_is_shown_not_fatal() -> None:
+    smskd = _recipe("smskd", "smskd", "main", {0: 80, 1: 81}, {0: 82, 1: 83})
+    smskd.selected = {0: 80, 1: 81}
+    old = _recipe("scratch", "scratch", "main", {0: 70, 1: 71}, {})  # logged no val_acc
+    old.best = {0: 72, 1: 73}
+    table = comparison_table(SweepResults({}, [smskd, old]), "b", "main")
+    assert "| scratch | scratch | 2 | – | 70.50 ± 0.71 | – |" in table
