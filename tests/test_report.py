@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from smskd.cli.commands import main
+from smskd.study.forgetting import stage_one_forgetting
 from smskd.study.report import (
     best_single,
     comparison_table,
@@ -247,7 +248,8 @@ def test_ablation_findings_choose_on_validation_and_adjust_for_several_variants(
     a = _recipe("a", "smskd", "choices", {0: 83, 1: 83, 2: 86}, {0: 70, 1: 70, 2: 70})
     b = _recipe("b", "smskd", "choices", {0: 79, 1: 81, 2: 81}, {0: 90, 1: 90, 2: 90})
     said = findings(SweepResults({}, [smskd, a, b]), "b")
-    assert "choices: preferred on validation: b (90.00 ± 0.00 val, 80.33 ± 1.15 test" in said[0]
+    assert said[0].startswith("choices: preferred on validation: b (90.00 val, 80.33 test")
+    assert said[0].endswith("mean over seeds 0, 1, 2).")
     # Two variants against the default: 97.5% intervals. a − smskd = 3, 2, 4: mean 3, sd 1.
     half = t_quantile(1 - 0.0125, 2) / math.sqrt(3)
     assert "with 97.5% CIs (Bonferroni, 2 comparisons)" in said[1]
@@ -308,3 +310,52 @@ def test_a_recipe_without_validation_in_a_validated_sweep_is_shown_not_fatal() -
     old.best = {0: 72, 1: 73}
     table = comparison_table(SweepResults({}, [smskd, old]), "b", "main")
     assert "| scratch | scratch | 2 | – | 70.50 ± 0.71 | – |" in table
+
+
+def test_validation_may_prefer_the_default_and_reads_the_seeds_all_have() -> None:
+    smskd = _recipe("smskd", "smskd", "main", {0: 80, 1: 80}, {0: 85, 1: 85})
+    # a's seed 1 is not in yet: on seed 0, the one all have, the default is best (85 vs
+    # 80), though a's mean over its own two seeds (90) is higher.
+    a = _recipe("a", "smskd", "choices", {0: 80, 1: 80, 2: 80}, {0: 80, 2: 100})
+    said = findings(SweepResults({}, [smskd, a]), "b")
+    assert said[0] == (
+        "choices: preferred on validation: the default smskd (85.00 val, 80.00 test, "
+        "mean over seed 0)."
+    )
+
+
+def test_an_old_forgetting_file_with_a_method_in_two_stages_is_not_summarized() -> None:
+
+    def row(stage: int, method: str, kd: float) -> dict:
+        return {"stage": stage, "label": method, "methods": [method], "measures": {"loss:kd": kd}}
+
+    # Written before per-stage columns: loss:kd's options changed in stage 3.
+    old = _recipe("smskd", "smskd", "main", {0: 80}, {})
+    old.forgetting = {0: [row(1, "kd", 1.0), row(2, "fitnets", 1.5), row(3, "kd", 0.2)]}
+    assert "Δ loss:kd" not in stage_one_forgetting(old)
+    new = _recipe("smskd", "smskd", "main", {0: 80}, {})
+    rows = [row(1, "kd", 1.0), row(2, "fitnets", 1.5), row(3, "kd", 0.2)]
+    for r, (first, second) in zip(rows, [(1.0, 0.5), (1.5, 0.6), (1.25, 0.2)], strict=True):
+        r["measures"] = {"loss:kd@1": first, "loss:kd@3": second}
+    new.forgetting = {0: rows}
+    assert stage_one_forgetting(new)["Δ loss:kd@1"] == {0: 0.25}
+
+
+def test_a_recipe_is_a_copy_only_if_all_its_runs_are(tmp_path: Path) -> None:
+    runs = []
+    for label, seed, same in [
+        ("single-kd", 0, None), ("single-kd", 1, None),
+        ("stages-1", 0, "single-kd/seed-0"), ("stages-1", 1, None),
+    ]:  # fmt: skip
+        run_dir = tmp_path / label / f"seed-{seed}"
+        run_dir.mkdir(parents=True)
+        record = {"stage": 1, "global_epoch": 1, "test_acc": 80.0 + seed, "epoch_time": 1}
+        (run_dir / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+        (run_dir / "result.json").write_text("{}")
+        runs.append({"label": label, "kind": "single", "group": "main", "seed": seed,
+                     "base": "b", "stages": "kd", "dir": str(run_dir),
+                     "same_as": str(tmp_path / same) if same else None})  # fmt: skip
+    (tmp_path / "index.json").write_text(json.dumps({"runs": runs}))
+    by = {r.label: r for r in load_sweep_results(tmp_path).recipes}
+    assert by["stages-1"].same_as is None
+    assert by["stages-1"].runs[0] == by["single-kd"].runs[0] != by["stages-1"].runs[1]

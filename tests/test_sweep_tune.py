@@ -210,3 +210,11 @@ def test_a_teacher_given_by_its_checkpoint_is_listed_with_its_accuracy(tmp_path:
     assert index["teachers"] == [
         {"model": "convnet-m", "dir": str(teacher), "epochs": 1, "final_acc": accuracy}
     ]
+
+
+def test_seeds_given_on_the_command_line_keep_tuning_apart(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path)  # seeds [0, 1]: tuned on seed 2
+    # Fewer seeds this time: the tuning seed is still the file's, not one past 0.
+    assert load_sweep(path, seeds=[0]).tune_seeds == [2]
+    with pytest.raises(UserError, match=r"with --seeds: tune\.seeds \[2\] are also"):
+        load_sweep(path, seeds=[0, 2])

@@ -47,7 +47,16 @@ def stage_one_forgetting(recipe: RecipeResult) -> dict[str, dict[int, float]]:
         if len(rows) < 2 or rows[0]["stage"] != 1:
             continue
         first, last = rows[0]["measures"], rows[-1]["measures"]
-        taught = [key for key in first if key.startswith("loss:") and _trained_in(rows[0], key)]
+        # Files written before per-stage columns (loss:kd@1) kept one loss:kd column for
+        # a method two stages use, measured with the later stage's options: not one loss.
+        later = {name for row in rows[1:] for name in row.get("methods", [])}
+        taught = [
+            key
+            for key in first
+            if key.startswith("loss:")
+            and _trained_in(rows[0], key)
+            and not ("@" not in key and key.removeprefix("loss:") in later)
+        ]
         for key in [*taught, "teacher_agreement"]:
             if first.get(key) is not None and last.get(key) is not None:
                 out.setdefault(f"Δ {key}", {})[seed] = last[key] - first[key]

@@ -66,7 +66,11 @@ def _anchor(results: SweepResults, base: str, kind: str) -> RecipeResult | None:
 def paired(a: RecipeResult, b: RecipeResult, confidence: float = 0.95) -> PairedDifference | None:
     """``a − b`` paired by seed, over the seeds where the two are different runs (a
     recipe made partly of another's runs is not compared with itself on those)."""
-    seeds = [s for s in set(a.final) & set(b.final) if a.runs.get(s) != b.runs.get(s)]
+    seeds = [
+        s
+        for s in set(a.final) & set(b.final)
+        if a.runs.get(s) is None or a.runs.get(s) != b.runs.get(s)
+    ]
     return paired_difference(
         {s: a.final[s] for s in seeds}, {s: b.final[s] for s in seeds}, confidence
     )
@@ -182,17 +186,34 @@ def _against_default(smskd: RecipeResult, recipes: list[RecipeResult], group: st
     return [said + "."]
 
 
-def _preferred(results: SweepResults, recipes: list[RecipeResult]) -> str | None:
-    """Which recipe of an ablation group the validation split prefers (never test)."""
+def _preferred(
+    results: SweepResults, recipes: list[RecipeResult], default: RecipeResult | None
+) -> str | None:
+    """Which of an ablation group's recipes, or the default SMSKD run they vary, the
+    validation split prefers (never test), on the seeds all of them have."""
     if not results.has_validation:
         return None
-    scored = [r for r in recipes if r.val_final and r.final]
-    if len(scored) < 2:
+    candidates = [r for r in recipes if r.val_final and r.final]
+    # The default is a candidate unless the group holds its runs already (stages-3).
+    if (
+        default is not None
+        and default.val_final
+        and all(default.label not in (r.label, r.same_as) for r in candidates)
+    ):
+        candidates.insert(0, default)
+    common = sorted(set.intersection(*(set(r.val_final) for r in candidates or [{}])))
+    if len(candidates) < 2 or not common:
         return None
-    top = max(scored, key=lambda r: _mean(r.val_final))
+
+    def on_common(values: dict[int, float]) -> float:
+        return _mean({s: values[s] for s in common})
+
+    top = max(candidates, key=lambda r: on_common(r.val_final))
+    name = f"the default {top.label}" if top is default else top.label
     return (
-        f"preferred on validation: {top.label} ({_mean_std_text(top.val_final)} val, "
-        f"{_mean_std_text(top.final)} test, {top.seeds} seed{'s' * (top.seeds != 1)})"
+        f"preferred on validation: {name} ({on_common(top.val_final):.2f} val, "
+        f"{on_common(top.final):.2f} test, mean over seed{'s' * (len(common) > 1)} "
+        f"{', '.join(map(str, common))})"
     )
 
 
@@ -213,6 +234,7 @@ def findings(results: SweepResults, base: str) -> list[str]:
             "lower": "SMSKD is worse",
             "no clear difference": "no difference is detectable at this number of seeds",
             "too few seeds to tell": "too few seeds to tell",
+            "no spread to tell": "the same difference on every seed: no spread to judge by",
         }[diff.verdict]
         out.append(
             f"SMSKD ({smskd.label}: {smskd.stages}) vs {name}: Δ last-epoch accuracy "
@@ -222,7 +244,7 @@ def findings(results: SweepResults, base: str) -> list[str]:
         if group in ("main", TUNE_GROUP):
             continue
         recipes = [r for r in results.of(base, group) if r.final]
-        preferred = _preferred(results, recipes)
+        preferred = _preferred(results, recipes, smskd)
         if preferred:
             out.append(f"{group}: {preferred}.")
         if smskd is not None:
@@ -422,7 +444,11 @@ def _provenance(results: SweepResults, root: Path, language_model: bool = False)
         )
     commits = index.get("commits") or [index.get("commit", "unknown")]
     runs = [r for r in results.recipes for _ in r.final]
-    seconds = {r.runs[s]: r.wall_time[s] for r in results.recipes for s in r.final}
+    seconds = {
+        r.runs.get(s, f"{r.label}/{s}"): r.wall_time.get(s, 0.0)
+        for r in results.recipes
+        for s in r.final
+    }
     lines.append(
         f"- Runs made by smskd commit(s) {', '.join(f'`{c}`' for c in commits)}; "
         f"{len(runs)} recipe×seed results from {len(seconds)} distinct runs, "

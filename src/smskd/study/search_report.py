@@ -86,7 +86,7 @@ def _final_section(search: Any) -> list[str]:
     lines = [
         "## The chosen plan on the test split",
         "",
-        f"Retrained from scratch over seeds {search.spec.final.seeds} beside single KD, "
+        f"Retrained from scratch over seeds {search.spec.final_seeds} beside single KD, "
         "joint and the base plan (`final/`, sweep file `final.yaml`): last-epoch test "
         "accuracy, Δ paired by seed with a 95% CI.",
         "",

@@ -90,12 +90,13 @@ class PairedDifference:
     @property
     def verdict(self) -> str:
         """``higher`` / ``lower`` when the CI excludes 0, else ``no clear difference``.
-        Differences without spread (the same on every seed) give an interval of width 0
-        that says nothing about the spread to expect: no verdict unless they are all 0."""
+        Differences without spread (the same on every seed, up to rounding: accuracies
+        are counts over a split) give an interval of width ~0 that says nothing about
+        the spread to expect: no verdict unless they are all 0."""
         if self.low is None or self.high is None:
             return "too few seeds to tell"
-        if self.low == self.high and self.mean != 0:
-            return "too few seeds to tell"
+        if self.high - self.low <= 1e-9 * max(1.0, abs(self.mean)):
+            return "no clear difference" if abs(self.mean) <= 1e-9 else "no spread to tell"
         if self.low > 0:
             return "higher"
         if self.high < 0:

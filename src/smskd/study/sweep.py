@@ -152,14 +152,21 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _tuning_apart(self) -> SweepConfig:
-        shared = sorted(set(self.tune_seeds) & set(self.seeds))
-        if shared:
-            raise ValueError(
-                f"tune.seeds {shared} are also the sweep's seeds: the β chosen on a seed "
-                "favours that seed's single-method run; tune on other seeds, e.g. "
-                f"[{max(self.seeds) + 1}] (the default)"
-            )
+        problem = self.tuning_overlap()
+        if problem:
+            raise ValueError(problem)
         return self
+
+    def tuning_overlap(self) -> str | None:
+        """Why the tuning seeds may not be these, if they are among the compared ones."""
+        shared = sorted(set(self.tune_seeds) & set(self.seeds))
+        if not shared:
+            return None
+        return (
+            f"tune.seeds {shared} are also the sweep's seeds: the β chosen on a seed favours "
+            "that seed's single-method run; tune on other seeds, e.g. "
+            f"[{max(self.seeds) + 1}] (the default)"
+        )
 
     @field_validator("recipes", mode="before")
     @classmethod
@@ -231,8 +238,15 @@ def load_sweep(
     sweep = validate(SweepConfig, raw, str(path))
     update: dict[str, Any] = {"set": [*sweep.set, *overrides]}
     if seeds is not None:
+        if sweep.tune is not None and sweep.tune.seeds is None:
+            # The file's tuning seed, whichever seeds this call runs: β stays chosen once.
+            update["tune"] = sweep.tune.model_copy(update={"seeds": sweep.tune_seeds})
         update["seeds"] = list(seeds)
-    return sweep.model_copy(update=update)
+    sweep = sweep.model_copy(update=update)
+    problem = sweep.tuning_overlap()
+    if problem:
+        raise UserError(f"{path} with --seeds: {problem}")
+    return sweep
 
 
 def _slug(text: str) -> str:
