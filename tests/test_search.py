@@ -192,3 +192,17 @@ def test_two_workers_share_one_search_without_training_a_prefix_twice(tmp_path: 
         for r in results(out).values()
     )
     assert 6 <= len(trained) <= 7  # each worker checks the budget before it trains: +1 at most
+
+
+@pytest.mark.slow
+def test_the_final_retrain_runs_the_chosen_plan_beside_the_baselines(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, budget={"stage_trainings": 2}, final={"seeds": [1]})
+    out = tmp_path / "out"
+    run_search(spec, out, **QUIET)
+    report = (out / "report.md").read_text()
+    assert "Retrained from scratch over seeds [1] beside single KD" in report
+    final = json.loads((out / "final" / "index.json").read_text())
+    assert {(r["label"], r["seed"], r["status"]) for r in final["runs"]} == {
+        (label, 1, "done") for label in ("single-kd", "joint", "smskd", "searched")
+    }
+    assert "| searched |" in report.split("## The chosen plan on the test split")[1]
