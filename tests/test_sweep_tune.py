@@ -218,3 +218,35 @@ def test_seeds_given_on_the_command_line_keep_tuning_apart(tmp_path: Path) -> No
     assert load_sweep(path, seeds=[0]).tune_seeds == [2]
     with pytest.raises(UserError, match=r"with --seeds: tune\.seeds \[2\] are also"):
         load_sweep(path, seeds=[0, 2])
+
+
+@pytest.mark.slow
+def test_a_worker_trains_other_runs_while_another_trains_their_teacher(tmp_path: Path) -> None:
+    """The teacher's directory is held (as by another worker) from the moment this worker
+    reaches it until a later run has finished: meanwhile the runs without a teacher
+    train, and the ones that need it come after, none twice."""
+    from contextlib import ExitStack
+
+    from smskd.store.runlock import run_lock
+
+    path = write_sweep(tmp_path, tune=None, recipes=["scratch", "smskd"])
+    other_worker = ExitStack()
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        held = re.match(r"training teacher \S+ into (\S+)$", line)
+        if held and len([x for x in lines if x.startswith("training teacher")]) == 1:
+            other_worker.enter_context(run_lock(held.group(1)))
+        # That worker is done (or this one blocks on it: release, so that the test fails
+        # on the order below rather than hangs).
+        if "scratch seed 1: " in line or "another worker trains (" in line:
+            other_worker.close()
+
+    runs = run_sweep(path, tmp_path / "out", progress=False, log=log)
+    done = [line.split(":")[0] for line in lines if re.search(r"% val, .*to go", line)]
+    assert [d.split("] ")[1] for d in done] == [
+        "scratch seed 0", "scratch seed 1", "smskd seed 1", "smskd seed 0"
+    ]  # fmt: skip
+    assert any("smskd seed 0: waiting for a teacher that another worker trains" in x for x in lines)
+    assert all(r.status == "done" for r in runs)

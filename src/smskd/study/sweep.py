@@ -23,8 +23,9 @@ runs (``result.json``) and resumes a half-done one from its last checkpoint.
 Several processes may work through one sweep: run the same command again (in another
 shell, or on another machine sharing the directory). Each run is claimed by its run
 directory's lock, so no run is trained twice; a worker skips the runs another one is
-training, waits for a shared teacher another one is training, and waits for the
-tuning runs before the runs whose β they choose.
+training, puts off the runs whose shared teacher another one is training until it has
+trained what it can (then waits for that teacher), and waits for the tuning runs before
+the runs whose β they choose.
 
 A ``tune:`` section chooses method weights β on the validation split before anything
 else runs: each listed method alone (the ``single`` recipe) at each β of its grid, on
@@ -637,10 +638,27 @@ class Sweep:
                     return trainer, earlier
         return trainer, place
 
-    def _with_teachers(self, cfg: RunConfig) -> RunConfig:
-        resolved = teachers_among_workers(
-            cfg, self._shared_teacher, progress=self.progress, root=self.out, log=self.log
-        )
+    def _with_teachers(self, cfg: RunConfig, wait: bool) -> RunConfig | None:
+        """``cfg`` with its teachers' weights, each trained here unless it is already; one
+        another worker is training is waited for (``wait``), or None."""
+        from smskd.experiment import resolve_teachers
+
+        if wait:
+            resolved = teachers_among_workers(
+                cfg, self._shared_teacher, progress=self.progress, root=self.out, log=self.log
+            )
+        else:
+            try:
+                resolved = resolve_teachers(
+                    cfg,
+                    self._shared_teacher,
+                    resume=True,
+                    progress=self.progress,
+                    tracking_root=self.out,
+                    log=self.log,
+                )
+            except RunInUse:
+                return None
         for teacher in resolved.all_teachers:
             self._list_teacher(teacher)
         return resolved
@@ -734,8 +752,6 @@ class Sweep:
             f"sweep {self.sweep.name}: {len(self.runs)} runs, {len(distinct)} distinct configs, "
             f"{len(todo)} {what} to train, into {self.out}"
         )
-        # Teachers first, each once: every run after this only loads them.
-        configs = {r.dir: self._with_teachers(r.config) for r in todo if r.config is not None}
         for run in distinct:  # finished runs name theirs in their stored config (data)
             stored = Path(run.dir) / "config.yaml"
             if run.status == "done" and stored.is_file():
@@ -743,21 +759,32 @@ class Sweep:
                     if teacher.checkpoint is not None:
                         self._list_teacher(teacher)
         for base in dict.fromkeys(r.base for r in todo):
-            self.sizes[base] = describe_sizes([configs[r.dir] for r in todo if r.base == base])
+            self.sizes[base] = describe_sizes([r.config for r in todo if r.base == base])
         for base in dict.fromkeys(r.base for r in distinct if r.base not in self.sizes):
             sized = [r.config for r in distinct if r.base == base and r.config is not None]
             if sized:  # a finished base written before its sizes were described
                 self.sizes[base] = describe_sizes(sized)
         self._write_index()
         spent: list[float] = []  # seconds per run trained by this call, for the ETA
-        for position, run in enumerate(todo, 1):
-            tag = f"[{position}/{len(todo)}] {run.label} seed {run.seed}"
-            cfg = configs[run.dir]
+        position = 0
+        # A run whose teacher another worker is training waits until the runs that can
+        # train now have trained; its teacher is there by then, or is waited for.
+        later: list[PlannedRun] = []
+        for run, wait in itertools.chain(((r, False) for r in todo), ((r, True) for r in later)):
+            tag = f"[{position + 1}/{len(todo)}] {run.label} seed {run.seed}"
+            if _refresh(run):  # another worker finished it meanwhile
+                position += 1
+                continue
+            assert run.config is not None
+            cfg = self._with_teachers(run.config, wait=wait)
+            if cfg is None:
+                self.log(f"{tag}: waiting for a teacher that another worker trains: later")
+                later.append(run)
+                continue
+            position += 1
             if self.commit not in self.commits:
                 self.commits.append(self.commit)
             started = time.perf_counter()
-            if _refresh(run):  # another worker finished it meanwhile
-                continue
             try:
                 result = distill(
                     cfg,
