@@ -446,9 +446,11 @@ class Search:
     def _resolve_teacher(self) -> None:
         from smskd.experiment import own_teachers
 
-        self.base = teachers_among_workers(
+        resolved = teachers_among_workers(
             self.base, own_teachers(self.out), progress=self.progress, root=self.out, log=self.log
         )
+        assert resolved is not None  # it waits
+        self.base = resolved
 
     # ------------------------------------------------------------------ results
 

@@ -641,24 +641,16 @@ class Sweep:
     def _with_teachers(self, cfg: RunConfig, wait: bool) -> RunConfig | None:
         """``cfg`` with its teachers' weights, each trained here unless it is already; one
         another worker is training is waited for (``wait``), or None."""
-        from smskd.experiment import resolve_teachers
-
-        if wait:
-            resolved = teachers_among_workers(
-                cfg, self._shared_teacher, progress=self.progress, root=self.out, log=self.log
-            )
-        else:
-            try:
-                resolved = resolve_teachers(
-                    cfg,
-                    self._shared_teacher,
-                    resume=True,
-                    progress=self.progress,
-                    tracking_root=self.out,
-                    log=self.log,
-                )
-            except RunInUse:
-                return None
+        resolved = teachers_among_workers(
+            cfg,
+            self._shared_teacher,
+            progress=self.progress,
+            root=self.out,
+            log=self.log,
+            wait=wait,
+        )
+        if resolved is None:
+            return None
         for teacher in resolved.all_teachers:
             self._list_teacher(teacher)
         return resolved
@@ -840,9 +832,11 @@ def teachers_among_workers(
     progress: bool,
     root: Path,
     log: Callable[[str], None],
-) -> RunConfig:
+    wait: bool = True,
+) -> RunConfig | None:
     """``resolve_teachers`` for one of several workers: a teacher another worker is
-    training is waited for, and its weights are used once they are there."""
+    training is waited for, and its weights are used once they are there (without
+    ``wait``: None instead)."""
     from smskd.experiment import resolve_teachers
 
     while True:
@@ -851,6 +845,8 @@ def teachers_among_workers(
                 cfg, place, resume=True, progress=progress, tracking_root=root, log=log
             )
         except RunInUse as err:
+            if not wait:
+                return None
             log(f"waiting for a teacher that another worker trains ({err})")
             time.sleep(WAIT_SECONDS)
 
