@@ -46,6 +46,20 @@ AUGMENT = Augment(crop_padding=2, flip=True)
 TARGET = 2.0  # the teacher, 11x the student, is most of a live step
 
 
+def fill_teacher_cache(step: Any, loader: InMemoryLoader, directory: Path) -> None:
+    """The teacher's outputs on every view of ``loader``'s images, into ``directory`` and
+    held in memory by ``step`` (a built stage), as a run's stage start fills them."""
+    step.models.teacher_cache = cache_outputs(
+        step.models.teacher,
+        step.models.teacher_taps,
+        loader,
+        step.models.acceleration,
+        max_bytes=2**30,
+        directory=directory,
+        log=lambda _line: None,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_arguments(parser, RESULTS / "augmented_cache.json")
@@ -65,15 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cached = stage_step(student, teacher, ["kd"], probe, device, performance=PerformanceConfig())
     with tempfile.TemporaryDirectory() as shared:
         started = time.perf_counter()
-        cached.models.teacher_cache = cache_outputs(
-            cached.models.teacher,
-            cached.models.teacher_taps,
-            loader,
-            cached.models.acceleration,
-            max_bytes=2**30,
-            directory=Path(shared),
-            log=lambda _line: None,
-        )
+        fill_teacher_cache(cached, loader, Path(shared))
         fill_seconds = time.perf_counter() - started
     paths = {
         "live_teacher": lambda: ours(live, loader),

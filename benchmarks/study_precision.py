@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from augmented_cache import AUGMENT, PAIR
+from augmented_cache import AUGMENT, PAIR, fill_teacher_cache
 from epoch_speedup import fashion_mnist, ours
 from harness import (
     RESULTS,
@@ -35,7 +35,6 @@ from harness import (
 
 from smskd.config import PerformanceConfig
 from smskd.data.memory import InMemoryLoader
-from smskd.train.output_cache import cache_outputs
 
 SETTINGS = {
     "fp32": PerformanceConfig(),
@@ -65,15 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as shared:
         for name, step in steps.items():
-            step.models.teacher_cache = cache_outputs(
-                step.models.teacher,
-                step.models.teacher_taps,
-                loader,
-                step.models.acceleration,
-                max_bytes=2**30,
-                directory=Path(shared) / name,
-                log=lambda _line: None,
-            )
+            fill_teacher_cache(step, loader, Path(shared) / name)
     paths = {name: (lambda step=step: ours(step, loader)) for name, step in steps.items()}
     for measure in paths.values():  # warm-up
         measure()
