@@ -528,6 +528,19 @@ def test_outputs_too_large_for_memory_are_read_from_disk(tmp_path, monkeypatch) 
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
     loader = augmented_loaders()[0]
     teacher = net(2, (8, 16, 16))
+
+    def fill(network: torch.nn.Module = teacher, disk_bytes: float = 2**30):
+        return cache_outputs(
+            network,
+            None,
+            loader,
+            Acceleration("cpu"),
+            max_bytes=1e4,
+            directory=tmp_path,
+            disk_bytes=disk_bytes,
+            log=lambda _: None,
+        )
+
     loads, real_load = [], torch.load
 
     def spy(*args, **kwargs):
@@ -535,16 +548,7 @@ def test_outputs_too_large_for_memory_are_read_from_disk(tmp_path, monkeypatch) 
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    cache = cache_outputs(
-        teacher,
-        None,
-        loader,
-        Acceleration("cpu"),
-        max_bytes=1e4,
-        directory=tmp_path,
-        disk_bytes=2**30,
-        log=lambda _: None,
-    )
+    cache = fill()
     assert isinstance(cache, MappedOutputs) and cache.views == 18
     assert loads == [True] * 18  # every view's file memory-mapped, none read in
     index, view = torch.tensor([5, 7, 5]), torch.tensor([0, 17, 3])
@@ -565,41 +569,11 @@ def test_outputs_too_large_for_memory_are_read_from_disk(tmp_path, monkeypatch) 
     damaged = folder / "view-005" / "logits.pt"
     damaged.write_bytes(damaged.read_bytes()[:-10])
     with pytest.raises(UserError, match="truncated or damaged"):
-        cache_outputs(
-            teacher,
-            None,
-            loader,
-            Acceleration("cpu"),
-            max_bytes=1e4,
-            directory=tmp_path,
-            disk_bytes=2**30,
-            log=lambda _: None,
-        )
+        fill()
     # No room on the disk for what a fill would write: one line before computing anything.
     import shutil
 
     monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 1000))
     with pytest.raises(UserError, match="GiB free"):
-        cache_outputs(
-            net(5, (8, 16, 16)),
-            None,
-            loader,
-            Acceleration("cpu"),
-            max_bytes=1e4,
-            directory=tmp_path,
-            disk_bytes=2**30,
-            log=lambda _: None,
-        )
-    assert (
-        cache_outputs(
-            teacher,
-            None,
-            loader,
-            Acceleration("cpu"),
-            max_bytes=1e4,
-            directory=tmp_path,
-            disk_bytes=1e4,
-            log=lambda _: None,
-        )
-        is None
-    )
+        fill(net(5, (8, 16, 16)))
+    assert fill(disk_bytes=1e4) is None
