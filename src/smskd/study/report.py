@@ -49,12 +49,18 @@ def best_single(results: SweepResults, base: str) -> RecipeResult | None:
     scored = [(r, s) for r, s in zip(singles, scores, strict=True) if s]
     # On the seeds all of them have (a partial sweep: the choice must not flip with
     # which seeds happen to have finished), if there are any.
-    common = set.intersection(*(set(s) for _, s in scored)) if scored else set()
-    return max(
-        scored,
-        key=lambda rs: _mean({k: rs[1][k] for k in common} if common else rs[1]),
-        default=(None, None),
-    )[0]
+    common = _common_seeds([s for _, s in scored])
+    return max(scored, key=lambda rs: _mean_on(rs[1], common or list(rs[1])), default=(None, None))[
+        0
+    ]
+
+
+def _common_seeds(scores: list[dict[int, float]]) -> list[int]:
+    return sorted(set.intersection(*(set(s) for s in scores))) if scores else []
+
+
+def _mean_on(values: dict[int, float], seeds: list[int]) -> float:
+    return _mean({s: values[s] for s in seeds})
 
 
 def _anchor(results: SweepResults, base: str, kind: str) -> RecipeResult | None:
@@ -201,18 +207,14 @@ def _preferred(
         and all(default.label not in (r.label, r.same_as) for r in candidates)
     ):
         candidates.insert(0, default)
-    common = sorted(set.intersection(*(set(r.val_final) for r in candidates or [{}])))
+    common = _common_seeds([r.val_final for r in candidates])
     if len(candidates) < 2 or not common:
         return None
-
-    def on_common(values: dict[int, float]) -> float:
-        return _mean({s: values[s] for s in common})
-
-    top = max(candidates, key=lambda r: on_common(r.val_final))
+    top = max(candidates, key=lambda r: _mean_on(r.val_final, common))
     name = f"the default {top.label}" if top is default else top.label
     return (
-        f"preferred on validation: {name} ({on_common(top.val_final):.2f} val, "
-        f"{on_common(top.final):.2f} test, mean over seed{'s' * (len(common) > 1)} "
+        f"preferred on validation: {name} ({_mean_on(top.val_final, common):.2f} val, "
+        f"{_mean_on(top.final, common):.2f} test, mean over seed{'s' * (len(common) > 1)} "
         f"{', '.join(map(str, common))})"
     )
 
