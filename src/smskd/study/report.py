@@ -96,8 +96,16 @@ def comparison_table(results: SweepResults, base: str, group: str) -> str:
         anchors.append(("smskd", _anchor(results, base, "smskd")))
     anchors = [(key, anchor) for key, anchor in anchors if anchor is not None]
     rows = results.of(base, group)
-    scratch = _anchor(results, base, "scratch")
-    context = [scratch] if scratch is not None and scratch not in rows else []
+    # Scratch, and in an ablation group the default SMSKD run its variants change,
+    # unless a row of the group already is it (stages-3 = smskd).
+    context = [_anchor(results, base, "scratch")]
+    if group != "main":
+        context.append(_anchor(results, base, "smskd"))
+    context = [
+        r
+        for r in context
+        if r is not None and r not in rows and all(row.same_as != r.label for row in rows)
+    ]
     shown = [r for r in context + rows if r.final]
 
     def versus(anchor: RecipeResult, r: RecipeResult) -> PairedDifference | None:
