@@ -247,3 +247,52 @@ def test_continuing_needs_the_earlier_student() -> None:
     config["data"] = {"val_split": 0.1}
     with pytest.raises(UserError, match=r"use reference\.snapshot: last"):
         load_config(config)
+
+
+def test_continuing_one_method_over_two_stages_is_one_long_stage(tiny_data, teacher) -> None:
+    """With no reference and the same method, `continue` leaves no seam: one cosine
+    schedule and the student's momentum carried make 2 + 2 epochs bit for bit one
+    4-epoch stage. Restarting the schedule, or dropping the momentum, would not. (In a
+    fixed data order: each stage reseeds the global RNG, which a shuffle would read.)"""
+    train, test = tiny_data
+    ordered = DataLoader(train.dataset, batch_size=32)
+    sgd = {"lr": 0.2, "momentum": 0.9}
+    off = ReferenceConfig(weighting="none")
+    whole = run_stages(
+        make_student(), teacher, [Stage(methods=["kd"], epochs=4, optimizer=sgd)],
+        ordered, test, reference=off, **QUIET,
+    )  # fmt: skip
+    halves = [Stage(methods=["kd"], epochs=2, optimizer=sgd) for _ in range(2)]
+    run = {"reference": off, **QUIET}
+    split = run_stages(
+        make_student(), teacher, halves, ordered, test, schedule_across_stages="continue", **run
+    )
+    for key, value in whole.student.state_dict().items():
+        assert torch.equal(value, split.student.state_dict()[key]), key
+    restarted = run_stages(make_student(), teacher, halves, ordered, test, **run)
+    assert not torch.equal(restarted.student.fc.weight, whole.student.fc.weight)
+
+
+def test_batch_mean_and_no_ce_reach_the_training_step(tiny_data, teacher) -> None:
+    """Stage 2's logged loss terms: with `batch_mean` the reference weights average λ in
+    every batch, and with ce_weight 0 the loss is the method's term plus the reference's
+    alone — checked against the run's own log, not the functions the step calls."""
+    train, val, test = _split(tiny_data)
+    stages = [
+        Stage(methods=["kd"], epochs=1),
+        Stage(methods=["kd"], epochs=1, ce_weight=0),
+    ]
+    records = {}
+    for scale in ("raw", "batch_mean"):
+        cfg = ReferenceConfig(lam=0.7, weight_scale=scale)
+        result = run_stages(
+            make_student(), teacher, stages, train, test, val_data=val, reference=cfg, **QUIET
+        )
+        records[scale] = result.history[1]
+    assert records["batch_mean"]["train_ref_weight_mean"] == pytest.approx(0.7)
+    assert records["raw"]["train_ref_weight_mean"] < 0.7  # λ·(1 − TCP) with TCP > 0
+    for record in records.values():
+        assert "train_ce" not in record
+        assert record["train_loss"] == pytest.approx(
+            record["train_kd"] + record["train_reference"], rel=1e-5
+        )

@@ -517,7 +517,7 @@ class _StageLoop:
         if midway and self.checkpoints is not None:
             stage_end = self.checkpoints.stage_end_weights(k)
         # Before the stage's taps exist: a deep copy would copy the hooks.
-        return make_reference(self.training.student, stage_end)
+        return make_reference(self.training.student, stage_end, fold=fold)
 
     def _epoch(self, k: int, built: BuiltStage, epoch: int, partial: EpochProgress | None) -> None:
         """One epoch: train (``partial`` done already), step the schedule, evaluate,
