@@ -262,6 +262,20 @@ def test_ablation_findings_choose_on_validation_and_adjust_for_several_variants(
     assert "different —" not in said[1]
 
 
+def test_a_choice_made_on_a_seed_apart_is_made_among_that_seed_s_runs() -> None:
+    """The main table's SMSKD runs on seeds 0–2; the choice is made on seed 5, among
+    runs of its own, one of them the default config: the main default is no candidate
+    (it shares no seed), and no variant is compared with it (no common seed)."""
+    smskd = _recipe("smskd", "smskd", "main", {0: 80, 1: 81, 2: 82}, {0: 99, 1: 99, 2: 99})
+    default = _recipe("choose-default", "smskd", "choose", {5: 80}, {5: 85})
+    batch = _recipe("choose-batch-mean", "smskd", "choose", {5: 79}, {5: 86})
+    said = findings(SweepResults({}, [smskd, default, batch]), "b")
+    assert said == [
+        "choose: preferred on validation: choose-batch-mean (86.00 val, 79.00 test, "
+        "mean over seed 5)."
+    ]
+
+
 def test_a_recipe_made_partly_of_another_s_runs_is_compared_on_its_own_seeds_only() -> None:
     kd = _recipe("single-kd", "single", "main", {0: 80, 1: 81, 2: 83}, {0: 1, 1: 1, 2: 1})
     # stages-1's seed-0 run is single-kd's (the same config); seeds 1 and 2 are its own.

@@ -83,6 +83,21 @@ def test_beta_is_chosen_on_validation_and_weighs_every_other_run(tmp_path: Path)
     assert [r.seed for r in singles] == [0, 1] and not any(r.same_as for r in singles)
 
 
+def test_a_recipe_may_run_on_a_seed_apart_and_seeds_given_restrict_it(tmp_path: Path) -> None:
+    """A group chosen among on seed 7, away from the compared seeds 0 and 1: its runs come
+    after theirs. `--seeds` replaces every seed: 0 alone leaves it one run, and 0,7 makes
+    seed 7 the sweep's too."""
+    recipes = ["smskd", {"kind": "smskd", "name": "choose", "group": "choose", "seeds": [7, 0]}]
+    path = write_sweep(tmp_path, recipes=recipes)
+    runs = [(r.label, r.seed) for r in plan(load_sweep(path), path, tmp_path / "out")]
+    compared = [run for run in runs if not run[0].startswith("tune-")]
+    assert compared == [("smskd", 0), ("choose", 0), ("smskd", 1), ("choose", 7)]
+    both = [("smskd", 0), ("choose", 0), ("smskd", 7), ("choose", 7)]
+    for seeds, expected in (([0], [("smskd", 0), ("choose", 0)]), ([0, 7], both)):
+        runs = plan(load_sweep(path, seeds=seeds), path, tmp_path / "out")
+        assert [(r.label, r.seed) for r in runs if r.group != "tune"] == expected
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -90,7 +105,6 @@ def test_beta_is_chosen_on_validation_and_weighs_every_other_run(tmp_path: Path)
         ({"tune": {"weights": {"rkd": []}}}, "give one or more weights"),
         ({"tune": {"weights": {"rkd": [-1]}}}, "give one or more weights"),
         ({"tune": {"weights": {}}}, "tune.weights"),
-        ({"recipes": [{"kind": "smskd", "seeds": [0, 7]}]}, r"seeds \[7\] are not among"),
         (
             {"tune": {"seeds": [1, 5], "weights": {"rkd": [1]}}},
             r"tune\.seeds \[1\] are also the sweep's seeds.*e\.g\. \[2\]",

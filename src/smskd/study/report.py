@@ -208,11 +208,13 @@ def _preferred(
     if not results.has_validation:
         return None
     candidates = [r for r in recipes if r.val_final and r.final]
-    # The default is a candidate unless the group holds its runs already (stages-3).
+    # The default is a candidate unless the group holds its runs already (stages-3), or
+    # runs on seeds of its own (a choice made on a seed apart holds its own default run).
     if (
         default is not None
         and default.val_final
         and all(default.label not in (r.label, r.same_as) for r in candidates)
+        and _common_seeds([default.val_final, *(r.val_final for r in candidates)])
     ):
         candidates.insert(0, default)
     common = _common_seeds([r.val_final for r in candidates])

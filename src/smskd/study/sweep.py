@@ -19,6 +19,9 @@ resolved config equals an earlier one's is not run twice: its line points at tha
 run (``same_as``). Teachers are trained once per distinct teacher config, into
 ``OUT/teachers/``, and shared by every run. Re-running the command skips finished
 runs (``result.json``) and resumes a half-done one from its last checkpoint.
+A recipe's own ``seeds`` may be a subset of the sweep's, or seeds apart from them
+(variants chosen among on a seed the compared recipes do not use); they run after the
+sweep's seeds, and ``--seeds`` replaces every seed, a recipe's own included.
 
 Several processes may work through one sweep: run the same command again (in another
 shell, or on another machine sharing the directory). Each run is claimed by its run
@@ -176,18 +179,12 @@ class SweepConfig(_Strict):
             return entries
         return [RecipeEntry._shorthand(e) for e in entries]
 
-    @field_validator("recipes")
-    @classmethod
-    def _seeds_of_the_sweep(cls, recipes: list[RecipeEntry], info: Any) -> list[RecipeEntry]:
-        seeds = info.data.get("seeds") or []
-        for entry in recipes:
-            extra = sorted(set(entry.seeds or []) - set(seeds))
-            if extra:
-                raise ValueError(
-                    f"recipe {entry.name or entry.kind!r}: seeds {extra} are not among the "
-                    f"sweep's seeds {seeds}; a recipe runs on a subset of them"
-                )
-        return recipes
+    @property
+    def run_seeds(self) -> list[int]:
+        """Every seed some recipe runs on: the sweep's, then the seeds apart that recipes
+        name (e.g. a seed to choose among variants on, away from the compared ones)."""
+        apart = {s for entry in self.recipes for s in entry.seeds or []} - set(self.seeds)
+        return [*self.seeds, *sorted(apart)]
 
     @property
     def bases(self) -> list[str]:
@@ -243,6 +240,13 @@ def load_sweep(
             # The file's tuning seed, whichever seeds this call runs: β stays chosen once.
             update["tune"] = sweep.tune.model_copy(update={"seeds": sweep.tune_seeds})
         update["seeds"] = list(seeds)
+        # Only these seeds run, a recipe's own seeds included.
+        update["recipes"] = [
+            entry.model_copy(update={"seeds": [s for s in entry.seeds if s in seeds]})
+            if entry.seeds is not None
+            else entry
+            for entry in sweep.recipes
+        ]
     sweep = sweep.model_copy(update=update)
     problem = sweep.tuning_overlap()
     if problem:
@@ -311,10 +315,10 @@ def plan(sweep: SweepConfig, sweep_path: str | Path, out: str | Path) -> list[Pl
     tuned = tuned_weights(tune_runs)
     runs = tune_runs + [
         run
-        for seed in sweep.seeds
+        for seed in sweep.run_seeds
         for base_name, base_raw in bases
         for entry in sweep.recipes
-        if entry.seeds is None or seed in entry.seeds
+        if seed in (sweep.seeds if entry.seeds is None else entry.seeds)
         for point in _grid_points({**sweep.grid, **entry.grid})
         for run in _entry_runs(
             sweep,
