@@ -38,8 +38,8 @@ def recording_references(monkeypatch) -> list[tuple[torch.nn.Module, dict, torch
     made = []
     original = pipeline.make_reference
 
-    def recording(student, state=None):
-        reference = original(student, state)
+    def recording(student, state=None, **options):
+        reference = original(student, state, **options)
         made.append((reference, {k: v.clone() for k, v in student.state_dict().items()}, student))
         return reference
 
