@@ -19,7 +19,7 @@ from smskd.errors import UserError
 from smskd.experiment import distill, evaluate_checkpoint
 from smskd.store import rundir
 from smskd.store.checkpoint import checksum_path, export_weights, load_state_dict, verify_checkpoint
-from smskd.store.runlock import LOCK_NAME, read_owner, run_lock
+from smskd.store.runlock import LOCK_NAME, held, read_owner, run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,6 +123,20 @@ def test_lock_that_names_no_process_is_refused(tmp_path: Path) -> None:
     (tmp_path / LOCK_NAME).write_text("")
     with pytest.raises(UserError, match=r"names no process; .* delete .*\.lock"):
         acquire(tmp_path)
+
+
+def test_held_says_whether_a_live_process_holds_the_lock(tmp_path: Path) -> None:
+    """What a search worker waits for before it chooses: live owners and owners it
+    cannot check (another host), not stale locks nor ones naming no process."""
+    assert not held(tmp_path)
+    with run_lock(tmp_path / "ours"):
+        assert held(tmp_path / "ours")
+    assert not held(tmp_path / "ours")
+    assert not held(write_lock(tmp_path / "stale", dead_pid()).parent)
+    assert held(write_lock(tmp_path / "elsewhere", dead_pid(), host="elsewhere.example").parent)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / LOCK_NAME).write_text("")
+    assert not held(tmp_path / "empty")
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])

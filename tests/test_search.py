@@ -192,6 +192,9 @@ def test_two_workers_share_one_search_without_training_a_prefix_twice(tmp_path: 
         for r in results(out).values()
     )
     assert 6 <= len(trained) <= 7  # each worker checks the budget before it trains: +1 at most
+    # Each waits for the prefix the other is training, then both choose the same plan.
+    chosen = [re.findall(r"^best plan: (.+): [\d.]+% val", log, re.M) for log in logs]
+    assert chosen[0] == chosen[1] and len(chosen[0]) == 1, logs
 
 
 @pytest.mark.slow
@@ -205,4 +208,12 @@ def test_the_final_retrain_runs_the_chosen_plan_beside_the_baselines(tmp_path: P
     assert {(r["label"], r["seed"], r["status"]) for r in final["runs"]} == {
         (label, 1, "done") for label in ("single-kd", "joint", "smskd", "searched")
     }
-    assert "| searched |" in report.split("## The chosen plan on the test split")[1]
+    final_section = report.split("## The chosen plan on the test split")[1]
+    assert "| searched |" in final_section
+    # In words, against each baseline (one seed: no interval), and each recipe's β.
+    assert re.search(r"^- The searched plan \(searched: .+\) vs single-kd: Δ last-epoch "
+                     r"accuracy [+-][\d.]+ \(1 seed\) over 1 paired seeds — too few", final_section,
+                     re.M)  # fmt: skip
+    assert "- single-kd: kd β 1\n" in final_section
+    assert "- smskd: kd β 1 → fitnets β 10 → rkd β 1, λ 1\n" in final_section
+    assert re.search(r"Cost: 2 stage trainings .+ \d+ min of the workers' time", report)

@@ -82,6 +82,13 @@ def pid_alive(pid: int) -> bool:
     return not _zombie(pid)
 
 
+def held(out_dir: str | Path) -> bool:
+    """Whether a live process holds ``OUT/.lock`` (one on another host counts: it cannot
+    be checked); a stale lock, or one naming no process, does not."""
+    owner = read_owner(Path(out_dir) / LOCK_NAME)
+    return owner is not None and (owner.host != _host() or pid_alive(owner.pid))
+
+
 def _zombie(pid: int) -> bool:
     """A killed process that no parent has reaped yet still answers signal 0."""
     try:

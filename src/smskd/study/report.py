@@ -229,29 +229,34 @@ def _preferred(
     )
 
 
+def versus_sentence(recipe: RecipeResult, anchor: RecipeResult, name: str) -> list[str]:
+    """``recipe`` (called ``name``) against ``anchor`` in one sentence: the paired Δ of
+    last-epoch test accuracy, its 95% CI and what it says; none without a common seed."""
+    diff = paired(recipe, anchor)
+    if diff is None:
+        return []
+    verdict = {
+        "higher": f"{name} is better",
+        "lower": f"{name} is worse",
+        "no clear difference": "no difference is detectable at this number of seeds",
+        "too few seeds to tell": "too few seeds to tell",
+        "no spread to tell": "the same difference on every seed: no spread to judge by",
+    }[diff.verdict]
+    return [
+        f"{name} ({recipe.label}: {recipe.stages}) vs {anchor.label}: Δ last-epoch accuracy "
+        f"{_diff_text(diff)} over {diff.pairs} paired seeds — {verdict}."
+    ]
+
+
 def findings(results: SweepResults, base: str) -> list[str]:
     """Plain sentences for the headline comparisons, from the paired 95% CIs."""
     out = []
     smskd = _anchor(results, base, "smskd")
     joint = _anchor(results, base, "joint")
     single = best_single(results, base)
-    for anchor, name in ((joint, "joint"), (single, single.label if single else "")):
-        if smskd is None or anchor is None:
-            continue
-        diff = paired(smskd, anchor)
-        if diff is None:
-            continue
-        verdict = {
-            "higher": "SMSKD is better",
-            "lower": "SMSKD is worse",
-            "no clear difference": "no difference is detectable at this number of seeds",
-            "too few seeds to tell": "too few seeds to tell",
-            "no spread to tell": "the same difference on every seed: no spread to judge by",
-        }[diff.verdict]
-        out.append(
-            f"SMSKD ({smskd.label}: {smskd.stages}) vs {name}: Δ last-epoch accuracy "
-            f"{_diff_text(diff)} over {diff.pairs} paired seeds — {verdict}."
-        )
+    for anchor in (joint, single):
+        if smskd is not None and anchor is not None:
+            out += versus_sentence(smskd, anchor, "SMSKD")
     for group in results.groups(base):
         if group in ("main", TUNE_GROUP):
             continue

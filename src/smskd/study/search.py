@@ -62,7 +62,7 @@ from smskd.config import (
     validate,
 )
 from smskd.errors import UserError
-from smskd.store import rundir
+from smskd.store import rundir, runlock
 from smskd.store.checkpoint import atomic_write_text
 from smskd.store.runlock import RunInUse
 from smskd.study.sweep import RESULT, WAIT_SECONDS, check_weight_grids, teachers_among_workers
@@ -317,6 +317,8 @@ class Search:
                 "val_acc": result.history[-1]["val_acc"],
                 "epochs": node.stages[-1].epochs,
                 "seconds": sum(r["epoch_time"] for r in result.history),
+                # and what the worker spent on it: loading, caches, the probe (since a resume)
+                "wall_seconds": time.perf_counter() - started,
                 **self._plan_of(node),
             }
             atomic_write_text(node.dir / RESULT, json.dumps(outcome) + "\n")
@@ -413,9 +415,25 @@ class Search:
 
         if self.allows(min(self.spec.epochs)):
             study.optimize(objective, callbacks=[stop_when_done], catch=())
+        self._wait_for_other_workers()
         best = self.best()
         self._write_best(best)
         return best
+
+    def _wait_for_other_workers(self) -> None:
+        """The prefixes other workers are still training count for the choice: waiting
+        for them, every worker chooses among the same prefixes, so the same plan (and
+        they share one final retrain)."""
+        said = False
+        while busy := [
+            folder
+            for folder in sorted((self.out / NODES).glob("*"))
+            if not (folder / RESULT).is_file() and runlock.held(folder)
+        ]:
+            if not said:
+                self.log(f"choosing once {', '.join(f.name for f in busy)} (other workers) end")
+                said = True
+            time.sleep(WAIT_SECONDS)
 
     def _plan(self, trial: Any) -> float:
         optuna = _optuna()

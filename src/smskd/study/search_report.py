@@ -4,8 +4,11 @@ on the test split."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from smskd.errors import UserError
 from smskd.store.checkpoint import atomic_write_text
@@ -23,6 +26,7 @@ def write_search_report(
     best = search.best()
     plans, grid_trainings = grid
     count, epochs, seconds = search.spent()
+    wall = sum(_wall_seconds(node) for node in nodes)
     grids = ", ".join(
         f"{m} β ∈ {{{', '.join(f'{b:g}' for b in g)}}}" for m, g in spec.methods.items()
     )
@@ -34,7 +38,8 @@ def write_search_report(
         f"- Space: up to {spec.max_stages} stages, each one of {grids}; epochs per stage ∈ "
         f"{spec.epochs}; λ ∈ {spec.lam}: {plans:,} plans.",
         f"- Cost: {count} stage trainings ({epochs} student epochs, {seconds / 60:.0f} min of "
-        f"training and evaluation). A grid over the same space trains {grid_trainings:,} "
+        f"training and evaluation, {wall / 60:.0f} min of the workers' time with setup, "
+        f"caches and probes). A grid over the same space trains {grid_trainings:,} "
         f"stages if every plan starts from scratch, {plans:,} (one per plan) if it shares "
         "prefixes too.",
         "",
@@ -76,7 +81,7 @@ def write_search_report(
 
 
 def _final_section(search: Any) -> list[str]:
-    from smskd.study.report import comparison_table
+    from smskd.study.report import comparison_table, versus_sentence
     from smskd.study.results import load_sweep_results
 
     final = search.out / "final"
@@ -91,10 +96,41 @@ def _final_section(search: Any) -> list[str]:
         "accuracy, Δ paired by seed with a 95% CI.",
         "",
     ]
+    by_label = {r.label: r for r in results.recipes if r.final}
+    searched = by_label.get("searched")
+    if searched is not None:
+        for label in ("smskd", "single-kd", "joint"):
+            if label in by_label:
+                lines += [
+                    f"- {s}"
+                    for s in versus_sentence(searched, by_label[label], "The searched plan")
+                ]
+    lines += [f"- {label}: {_weights(recipe)}" for label, recipe in by_label.items()]
+    lines.append("")
     for base in results.bases():
         for group in results.groups(base):
             lines += [f"### {group}", "", comparison_table(results, base, group), ""]
     return lines
+
+
+def _weights(recipe: Any) -> str:
+    """A recipe's stages with each method's β (and λ from the second stage on), from its
+    first run's resolved config (read as data)."""
+    from smskd.methods.registry import METHODS
+
+    def beta(method: dict[str, Any]) -> float:
+        given = method.get("weight")
+        return METHODS[method["name"]].default_weight if given is None else given
+
+    config = yaml.safe_load((Path(recipe.runs[min(recipe.runs)]) / "config.yaml").read_text())
+    stages = [
+        " + ".join(f"{m['name']} β {beta(m):g}" for m in stage["methods"]) or "CE only"
+        for stage in config["stages"]
+    ]
+    text = " → ".join(stages)
+    if len(stages) > 1 and config.get("reference", {}).get("weighting") != "none":
+        text += f", λ {config['reference']['lam']:g}"
+    return text
 
 
 def _plot(search: Any, nodes: list[Any], best: Any) -> Path | None:
@@ -141,6 +177,12 @@ def _plot(search: Any, nodes: list[Any], best: Any) -> Path | None:
     fig.savefig(path_png, dpi=110)
     plt.close(fig)
     return path_png
+
+
+def _wall_seconds(node: Any) -> float:
+    """A prefix's worker time (an older result.json without it: its epochs' time)."""
+    data = json.loads((node.dir / "result.json").read_text())
+    return data.get("wall_seconds", data.get("seconds") or 0.0)
 
 
 def _finished(node: Any) -> float:
