@@ -376,3 +376,18 @@ def test_a_recipe_is_a_copy_only_if_all_its_runs_are(tmp_path: Path) -> None:
     by = {r.label: r for r in load_sweep_results(tmp_path).recipes}
     assert by["stages-1"].same_as is None
     assert by["stages-1"].runs[0] == by["single-kd"].runs[0] != by["stages-1"].runs[1]
+
+
+def test_every_smskd_recipe_of_the_main_table_is_said_against_joint_and_single() -> None:
+    kd = _recipe("single-kd", "single", "main", {0: 80, 1: 82}, {0: 80, 1: 80})
+    joint = _recipe("joint", "joint", "main", {0: 80, 1: 80}, {0: 80, 1: 80})
+    smskd = _recipe("smskd", "smskd", "main", {0: 79, 1: 79}, {0: 80, 1: 80})
+    chosen = _recipe("smskd-batch-mean", "smskd", "main", {0: 81, 1: 83}, {0: 80, 1: 80})
+    said = findings(SweepResults({}, [kd, joint, smskd, chosen]), "b")
+    assert [s.split(":")[0] + " vs " + s.split(" vs ")[1].split(":")[0] for s in said] == [
+        "SMSKD (smskd vs joint", "SMSKD (smskd vs single-kd",
+        "SMSKD (smskd-batch-mean vs joint", "SMSKD (smskd-batch-mean vs single-kd",
+    ]  # fmt: skip
+    # smskd-batch-mean − single-kd: 1, 1 → +1.00 with no spread.
+    assert said[3].endswith("+1.00 [+1.00, +1.00] over 2 paired seeds — the same difference "
+                            "on every seed: no spread to judge by.")  # fmt: skip

@@ -254,9 +254,12 @@ def findings(results: SweepResults, base: str) -> list[str]:
     smskd = _anchor(results, base, "smskd")
     joint = _anchor(results, base, "joint")
     single = best_single(results, base)
-    for anchor in (joint, single):
-        if smskd is not None and anchor is not None:
-            out += versus_sentence(smskd, anchor, "SMSKD")
+    # Every SMSKD recipe of the main table: the default, and any variant it holds.
+    headline = [r for r in results.of(base, "main", kind="smskd") if r.final]
+    for recipe in headline if smskd in headline else [smskd] if smskd else []:
+        for anchor in (joint, single):
+            if anchor is not None:
+                out += versus_sentence(recipe, anchor, "SMSKD")
     for group in results.groups(base):
         if group in ("main", TUNE_GROUP):
             continue
