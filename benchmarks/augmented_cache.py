@@ -29,6 +29,7 @@ from harness import (
     apply_threads,
     common_arguments,
     environment,
+    fill_teacher_cache,
     interleaved,
     models_of,
     stage_step,
@@ -39,25 +40,10 @@ from harness import (
 from smskd.config import PerformanceConfig
 from smskd.data.augment import Augment
 from smskd.data.memory import InMemoryLoader
-from smskd.train.output_cache import cache_outputs
 
 PAIR = Pair("fashion-mnist-study", "resnet56", "resnet8", (1, 28, 28), 10)
 AUGMENT = Augment(crop_padding=2, flip=True)
 TARGET = 2.0  # the teacher, 11x the student, is most of a live step
-
-
-def fill_teacher_cache(step: Any, loader: InMemoryLoader, directory: Path) -> None:
-    """The teacher's outputs on every view of ``loader``'s images, into ``directory`` and
-    held in memory by ``step`` (a built stage), as a run's stage start fills them."""
-    step.models.teacher_cache = cache_outputs(
-        step.models.teacher,
-        step.models.teacher_taps,
-        loader,
-        step.models.acceleration,
-        max_bytes=2**30,
-        directory=directory,
-        log=lambda _line: None,
-    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -79,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cached = stage_step(student, teacher, ["kd"], probe, device, performance=PerformanceConfig())
     with tempfile.TemporaryDirectory() as shared:
         started = time.perf_counter()
-        fill_teacher_cache(cached, loader, Path(shared))
+        fill_teacher_cache(cached, loader, Path(shared), log=lambda _line: None)
         fill_seconds = time.perf_counter() - started
     paths = {
         "live_teacher": lambda: ours(live, loader),

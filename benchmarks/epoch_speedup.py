@@ -29,6 +29,7 @@ from harness import (
     apply_threads,
     common_arguments,
     environment,
+    fill_teacher_cache,
     interleaved,
     models_of,
     stage_step,
@@ -43,7 +44,6 @@ from smskd.data.memory import ArrayDataset, ArraySplit, InMemoryLoader, stratifi
 from smskd.data.registry import load_dataset
 from smskd.errors import UserError
 from smskd.train.epoch import train_epoch
-from smskd.train.output_cache import cache_outputs
 from smskd.train.stage import BuiltStage
 
 TARGET = 1.5
@@ -111,13 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     default = stage_step(student, teacher, ["kd"], probe, device)
     fast = stage_step(student, teacher, ["kd"], probe, device, performance=FAST)
     cache_started = time.perf_counter()
-    fast.models.teacher_cache = cache_outputs(
-        fast.models.teacher,
-        fast.models.teacher_taps,
-        loader,
-        fast.models.acceleration,
-        max_bytes=2**30,
-    )
+    fill_teacher_cache(fast, loader)
     cache_seconds = time.perf_counter() - cache_started
     paths = {
         "anchor_dataloader_loop": lambda: anchor(

@@ -24,6 +24,7 @@ from smskd.config import PerformanceConfig, Stage
 from smskd.models.registry import build_model
 from smskd.train.acceleration import Acceleration
 from smskd.train.epoch import train_epoch
+from smskd.train.output_cache import cache_outputs
 from smskd.train.reference import make_reference
 from smskd.train.stage import BuiltStage, build_stage
 
@@ -69,6 +70,25 @@ def random_batches(
         index = torch.arange(step * batch, (step + 1) * batch)
         batches.append((x.to(device), y.to(device), index.to(device)))
     return batches
+
+
+def fill_teacher_cache(
+    step: BuiltStage,
+    loader: object,
+    directory: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """The teacher's outputs on every view of ``loader``'s images, held by ``step`` (in
+    memory, or written to and read from ``directory``), as a run's stage start fills them."""
+    step.models.teacher_cache = cache_outputs(
+        step.models.teacher,
+        step.models.teacher_taps,
+        loader,
+        step.models.acceleration,
+        max_bytes=2**30,
+        directory=directory,
+        log=log,
+    )
 
 
 def stage_step(

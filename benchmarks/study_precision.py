@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from augmented_cache import AUGMENT, PAIR, fill_teacher_cache
+from augmented_cache import AUGMENT, PAIR
 from epoch_speedup import fashion_mnist, ours
 from harness import (
     RESULTS,
     apply_threads,
     common_arguments,
     environment,
+    fill_teacher_cache,
     interleaved,
     models_of,
     stage_step,
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory() as shared:
         for name, step in steps.items():
-            fill_teacher_cache(step, loader, Path(shared) / name)
+            fill_teacher_cache(step, loader, Path(shared) / name, log=lambda _line: None)
     paths = {name: (lambda step=step: ours(step, loader)) for name, step in steps.items()}
     for measure in paths.values():  # warm-up
         measure()
