@@ -50,9 +50,8 @@ def best_single(results: SweepResults, base: str) -> RecipeResult | None:
     # On the seeds all of them have (a partial sweep: the choice must not flip with
     # which seeds happen to have finished), if there are any.
     common = _common_seeds([s for _, s in scored])
-    return max(scored, key=lambda rs: _mean_on(rs[1], common or list(rs[1])), default=(None, None))[
-        0
-    ]
+    top = max(scored, key=lambda rs: _mean_on(rs[1], common or list(rs[1])), default=None)
+    return top[0] if top is not None else None
 
 
 def _common_seeds(scores: list[dict[int, float]]) -> list[int]:
@@ -256,7 +255,9 @@ def findings(results: SweepResults, base: str) -> list[str]:
     single = best_single(results, base)
     # Every SMSKD recipe of the main table: the default, and any variant it holds.
     headline = [r for r in results.of(base, "main", kind="smskd") if r.final]
-    for recipe in headline if smskd in headline else [smskd] if smskd else []:
+    if smskd not in headline:
+        headline = [smskd] if smskd is not None else []
+    for recipe in headline:
         for anchor in (joint, single):
             if anchor is not None:
                 out += versus_sentence(recipe, anchor, "SMSKD")

@@ -158,7 +158,8 @@ class Node:
     dir: Path
     val_acc: float | None = None
     epochs: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # its epochs' training and evaluation
+    wall_seconds: float = 0.0  # the worker's time on it, setup included (since a resume)
 
     @property
     def label(self) -> str:
@@ -260,6 +261,8 @@ class Search:
             return False
         data = json.loads(result.read_text())
         node.val_acc, node.epochs, node.seconds = data["val_acc"], data["epochs"], data["seconds"]
+        # A result.json from before wall_seconds was written: its epochs' time.
+        node.wall_seconds = data.get("wall_seconds", node.seconds)
         return True
 
     @staticmethod
@@ -317,7 +320,6 @@ class Search:
                 "val_acc": result.history[-1]["val_acc"],
                 "epochs": node.stages[-1].epochs,
                 "seconds": sum(r["epoch_time"] for r in result.history),
-                # and what the worker spent on it: loading, caches, the probe (since a resume)
                 "wall_seconds": time.perf_counter() - started,
                 **self._plan_of(node),
             }

@@ -4,7 +4,6 @@ on the test split."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ def write_search_report(
     best = search.best()
     plans, grid_trainings = grid
     count, epochs, seconds = search.spent()
-    wall = sum(_wall_seconds(node) for node in nodes)
+    wall = sum(node.wall_seconds for node in nodes)
     grids = ", ".join(
         f"{m} β ∈ {{{', '.join(f'{b:g}' for b in g)}}}" for m, g in spec.methods.items()
     )
@@ -177,12 +176,6 @@ def _plot(search: Any, nodes: list[Any], best: Any) -> Path | None:
     fig.savefig(path_png, dpi=110)
     plt.close(fig)
     return path_png
-
-
-def _wall_seconds(node: Any) -> float:
-    """A prefix's worker time (an older result.json without it: its epochs' time)."""
-    data = json.loads((node.dir / "result.json").read_text())
-    return data.get("wall_seconds", data.get("seconds") or 0.0)
 
 
 def _finished(node: Any) -> float:
