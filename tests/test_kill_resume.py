@@ -1,8 +1,10 @@
 """Kill a real `smskd distill` process at several points; `--resume` must finish with
-student weights bit-identical to an uninterrupted run (CPU, same seed)."""
+student weights bit-identical to an uninterrupted run (CPU, same seed, same thread count:
+torch's float sums are split by thread, so every process here runs on one)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +17,8 @@ import torch
 import yaml
 
 pytestmark = pytest.mark.slow  # real processes, killed and resumed: ~9 s a test
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 CONFIG = {
     "seed": 3,
@@ -46,7 +50,9 @@ def setup(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     root = tmp_path_factory.mktemp("kill")
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    subprocess.run(command(config, root / "clean"), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        command(config, root / "clean"), check=True, capture_output=True, timeout=300, env=ENV
+    )
     return config, torch.load(root / "clean" / "student.pt", weights_only=True)
 
 
@@ -63,7 +69,7 @@ POINTS: dict[str, Callable[[Path], bool]] = {
 
 
 def run_until(cmd: list[str], condition: Callable[[], bool], sig: int) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.monotonic() + 240
     while not condition() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -80,7 +86,9 @@ def test_sigkill_then_resume_is_bit_identical(point: str, setup, tmp_path: Path)
     out = tmp_path / "run"
     killed = run_until(command(config, out), lambda: POINTS[point](out), signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
-    subprocess.run(command(config, out, "--resume"), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        command(config, out, "--resume"), check=True, capture_output=True, timeout=300, env=ENV
+    )
     weights = torch.load(out / "student.pt", weights_only=True)
     for key, value in expected.items():
         assert torch.equal(weights[key], value), f"{point}: {key}"
@@ -98,6 +106,8 @@ def test_sigterm_checkpoints_says_how_to_resume_and_resumes(setup, tmp_path: Pat
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr and "Traceback" not in stderr
     hint = stderr.split("continue with: ")[1].strip().split()
     assert hint[:3] == ["smskd", "distill", str(config)] and hint[-1] == "--resume"
-    subprocess.run(command(config, out, "--resume"), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        command(config, out, "--resume"), check=True, capture_output=True, timeout=300, env=ENV
+    )
     weights = torch.load(out / "student.pt", weights_only=True)
     assert all(torch.equal(weights[k], v) for k, v in expected.items())

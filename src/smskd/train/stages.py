@@ -9,7 +9,7 @@
 Baselines are other stage lists through the same loop (see :mod:`smskd.study.recipes`).
 Each epoch ends with an atomic checkpoint (and, if asked, every N steps; always on
 SIGINT/SIGTERM); a run restarted with ``resume=True`` continues from the last one,
-mid-epoch included, bit-identical on CPU for the same seed.
+mid-epoch included, bit-identical on CPU for the same seed and thread count.
 
 The loop only says when things happen. What they are lives beside it: a stage's parts
 (:mod:`~smskd.train.stage`), checkpoints and resuming (:mod:`~smskd.train.resume`), the
