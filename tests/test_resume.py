@@ -162,6 +162,40 @@ def test_resuming_a_finished_run_says_so(student, live_teacher, indexed_data, tm
     assert len(again.history) == 2  # the finished run's records, nothing retrained
 
 
+def test_resuming_with_another_thread_count_says_it_is_not_bit_identical(
+    student, live_teacher, indexed_data, tmp_path
+):
+    threads = torch.get_num_threads()
+    run_stages(student, live_teacher, stages()[:1], *indexed_data, out_dir=tmp_path, **QUIET)
+    checkpoint = tmp_path / "checkpoints" / "last.pt"
+    state = safe_load(checkpoint)
+    state["epoch"] = 1  # as if killed after epoch 1 of 2
+    atomic_save(state, checkpoint)
+
+    def resume_with(count: int) -> list[str]:
+        said: list[str] = []
+        torch.set_num_threads(count)
+        try:
+            run_stages(
+                student,
+                live_teacher,
+                stages()[:1],
+                *indexed_data,
+                out_dir=tmp_path,
+                resume=True,
+                progress=False,
+                log=said.append,
+            )
+        finally:
+            torch.set_num_threads(threads)
+        return [line for line in said if "CPU threads" in line]
+
+    assert resume_with(threads) == []
+    atomic_save(state, checkpoint)
+    (note,) = resume_with(threads + 1)
+    assert f"with {threads} CPU threads" in note and f"OMP_NUM_THREADS={threads}" in note
+
+
 # ------------------------------------------- checkpoints that belong to another run (CLI)
 
 RUN_YAML = """\

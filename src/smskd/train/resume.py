@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from smskd.config import CACHE_SETTINGS, Stage
@@ -141,6 +142,7 @@ class Checkpoints:
             "scaler": built.scaler.state_dict() if built.scaler is not None else None,
             "rng": rng_state(),
             "stage_best": stage_best,
+            "threads": torch.get_num_threads(),
         }
 
     def resume_point(
@@ -167,7 +169,16 @@ class Checkpoints:
         if global_step is None:  # written before checkpoints recorded it: count it
             epochs = sum(s.epochs for s in self.stages[:stage]) + epoch
             global_step = epochs * (steps_per_epoch or 0) + state.get("step", 0)
-        if epoch >= self.stages[stage].epochs:  # that stage was complete
+        complete = epoch >= self.stages[stage].epochs
+        threads, ours = state.get("threads"), torch.get_num_threads()
+        if threads not in (None, ours) and not (complete and stage + 1 == len(self.stages)):
+            # torch splits a float sum by thread: other splits, other last bits.
+            log(
+                f"note: {path} was written with {threads} CPU threads and this process has "
+                f"{ours}; on the CPU the run goes on, not bit-identically to an uninterrupted "
+                f"one (OMP_NUM_THREADS={threads} would make it so)"
+            )
+        if complete:
             return ResumePoint(stage + 1, 0, global_step, previous_optimizer=state["optimizer"])
         return ResumePoint(stage, epoch, global_step, state)
 
