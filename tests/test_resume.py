@@ -194,6 +194,10 @@ def test_resuming_with_another_thread_count_says_it_is_not_bit_identical(
     atomic_save(state, checkpoint)
     (note,) = resume_with(threads + 1)
     assert f"with {threads} CPU threads" in note and f"OMP_NUM_THREADS={threads}" in note
+    # The run's first count is kept: the finished run's last.pt names it; with nothing
+    # left to train there is nothing to say.
+    assert safe_load(checkpoint)["threads"] == threads
+    assert resume_with(threads + 1) == []
 
 
 # ------------------------------------------- checkpoints that belong to another run (CLI)

@@ -76,6 +76,7 @@ class Checkpoints:
         self.snapshots: dict[int, str] = {}  # stage k → SHA-256 of stage{k}.pt, as written
         self.best_snapshots: dict[int, str] = {}  # stage k → SHA-256 of stage{k}-best.pt
         self.helper_snapshots: dict[int, str] = {}  # stage k → SHA-256 of stage{k}-methods.pt
+        self.threads: int | None = None  # CPU threads of the run's first process
 
     @property
     def last(self) -> Path:
@@ -142,13 +143,18 @@ class Checkpoints:
             "scaler": built.scaler.state_dict() if built.scaler is not None else None,
             "rng": rng_state(),
             "stage_best": stage_best,
-            "threads": torch.get_num_threads(),
+            "threads": self.threads or torch.get_num_threads(),
         }
 
     def resume_point(
-        self, student: nn.Module, steps_per_epoch: int | None, log: Callable[[str], None]
+        self,
+        student: nn.Module,
+        steps_per_epoch: int | None,
+        log: Callable[[str], None],
+        on_cpu: bool = True,
     ) -> ResumePoint:
-        """Load the newest checkpoint's student into ``student``; where to go on from."""
+        """Load the newest checkpoint's student into ``student``; where to go on from.
+        ``on_cpu``: the run trains on the CPU, where its thread count sets the last bits."""
         if not has_checkpoint(self.folder):
             return ResumePoint()
         # On the CPU: RNG states must stay CPU tensors; load_state_dict copies to the device.
@@ -170,8 +176,10 @@ class Checkpoints:
             epochs = sum(s.epochs for s in self.stages[:stage]) + epoch
             global_step = epochs * (steps_per_epoch or 0) + state.get("step", 0)
         complete = epoch >= self.stages[stage].epochs
-        threads, ours = state.get("threads"), torch.get_num_threads()
-        if threads not in (None, ours) and not (complete and stage + 1 == len(self.stages)):
+        self.threads = threads = state.get("threads")
+        ours = torch.get_num_threads()
+        finished = complete and stage + 1 == len(self.stages)
+        if on_cpu and threads not in (None, ours) and not finished:
             # torch splits a float sum by thread: other splits, other last bits.
             log(
                 f"note: {path} was written with {threads} CPU threads and this process has "

@@ -324,7 +324,8 @@ def _train(
     start = ResumePoint()
     if resume and checkpoints is not None:
         steps = _steps_per_epoch(training.train_data)
-        start = checkpoints.resume_point(training.student, steps, bookkeeping.log)
+        on_cpu = execution.device.type == "cpu"
+        start = checkpoints.resume_point(training.student, steps, bookkeeping.log, on_cpu)
     reporting = _reporting(training, bookkeeping, start, saves, resume)
     stage_best = None
     if training.reference.snapshot == "best" and training.val_data is not None:
