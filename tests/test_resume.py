@@ -147,19 +147,25 @@ def test_nan_batches_can_be_skipped_and_are_counted(
 
 def test_resuming_a_finished_run_says_so(student, live_teacher, indexed_data, tmp_path):
     run_stages(student, live_teacher, stages()[:1], *indexed_data, out_dir=tmp_path, **QUIET)
+    said, again = resume_saying(student, live_teacher, indexed_data, tmp_path)
+    assert said == ["smskd: already complete; nothing to train"]
+    assert len(again.history) == 2  # the finished run's records, nothing retrained
+
+
+def resume_saying(student, teacher, data, out) -> tuple[list[str], object]:
+    """Resume the one-stage run in ``out``: what it logged, and its result."""
     said: list[str] = []
-    again = run_stages(
+    result = run_stages(
         student,
-        live_teacher,
+        teacher,
         stages()[:1],
-        *indexed_data,
-        out_dir=tmp_path,
+        *data,
+        out_dir=out,
         resume=True,
         progress=False,
         log=said.append,
     )
-    assert said == ["smskd: already complete; nothing to train"]
-    assert len(again.history) == 2  # the finished run's records, nothing retrained
+    return said, result
 
 
 def test_resuming_with_another_thread_count_says_it_is_not_bit_identical(
@@ -173,19 +179,9 @@ def test_resuming_with_another_thread_count_says_it_is_not_bit_identical(
     atomic_save(state, checkpoint)
 
     def resume_with(count: int) -> list[str]:
-        said: list[str] = []
         torch.set_num_threads(count)
         try:
-            run_stages(
-                student,
-                live_teacher,
-                stages()[:1],
-                *indexed_data,
-                out_dir=tmp_path,
-                resume=True,
-                progress=False,
-                log=said.append,
-            )
+            said, _ = resume_saying(student, live_teacher, indexed_data, tmp_path)
         finally:
             torch.set_num_threads(threads)
         return [line for line in said if "CPU threads" in line]

@@ -175,20 +175,20 @@ class Checkpoints:
         if global_step is None:  # written before checkpoints recorded it: count it
             epochs = sum(s.epochs for s in self.stages[:stage]) + epoch
             global_step = epochs * (steps_per_epoch or 0) + state.get("step", 0)
-        complete = epoch >= self.stages[stage].epochs
+        if epoch >= self.stages[stage].epochs:  # that stage was complete
+            point = ResumePoint(stage + 1, 0, global_step, previous_optimizer=state["optimizer"])
+        else:
+            point = ResumePoint(stage, epoch, global_step, state)
         self.threads = threads = state.get("threads")
         ours = torch.get_num_threads()
-        finished = complete and stage + 1 == len(self.stages)
-        if on_cpu and threads not in (None, ours) and not finished:
+        if on_cpu and threads not in (None, ours) and point.stage < len(self.stages):
             # torch splits a float sum by thread: other splits, other last bits.
             log(
                 f"note: {path} was written with {threads} CPU threads and this process has "
                 f"{ours}; on the CPU the run goes on, not bit-identically to an uninterrupted "
                 f"one (OMP_NUM_THREADS={threads} would make it so)"
             )
-        if complete:
-            return ResumePoint(stage + 1, 0, global_step, previous_optimizer=state["optimizer"])
-        return ResumePoint(stage, epoch, global_step, state)
+        return point
 
     def _check_ours(self, state: Any, path: Path) -> None:
         """Refuse a checkpoint this run cannot continue: not a run checkpoint, a newer
