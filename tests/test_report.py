@@ -15,6 +15,7 @@ from smskd.study.report import (
     comparison_table,
     findings,
     forgetting_section,
+    order_principles,
     write_sweep_report,
 )
 from smskd.study.results import RecipeResult, SweepResults, load_sweep_results
@@ -391,3 +392,57 @@ def test_every_smskd_recipe_of_the_main_table_is_said_against_joint_and_single()
     # smskd-batch-mean − single-kd: 1, 1 → +1.00 with no spread.
     assert said[3].endswith("+1.00 [+1.00, +1.00] over 2 paired seeds — the same difference "
                             "on every seed: no spread to judge by.")  # fmt: skip
+
+
+def _order(plan: str, val: float, test: dict[int, float]) -> RecipeResult:
+    label = "order-" + plan.replace(" → ", "-")
+    runs = {seed: f"{label}/seed-{seed}" for seed in test}
+    return RecipeResult(
+        label,
+        "orders",
+        "orders",
+        "b",
+        plan,
+        final=test,
+        val_final=dict.fromkeys(test, val),
+        runs=runs,
+    )
+
+
+def test_an_ordering_principle_is_chosen_on_validation_and_judged_on_test() -> None:
+    orders = [
+        _order("kd → fitnets → rkd", 94, {0: 90, 1: 91, 2: 92}),
+        _order("kd → rkd → fitnets", 89, {0: 89, 1: 89, 2: 89}),
+        _order("fitnets → kd → rkd", 93, {0: 91, 1: 91, 2: 91}),
+        _order("fitnets → rkd → kd", 93, {0: 93, 1: 94, 2: 95}),
+        _order("rkd → kd → fitnets", 88, {0: 88, 1: 88, 2: 88}),
+        _order("rkd → fitnets → kd", 92, {0: 92, 1: 92, 2: 93}),
+    ]
+    first, last, canonical = order_principles(orders)
+    # First stage, validation: kd (94 + 89) / 2 = 91.5, fitnets 93, rkd 90 → fitnets.
+    # Test per seed, fitnets-first vs the other four: 92 − 89.75, 92.5 − 90, 93 − 90.5.
+    assert "kd 91.50 / 90.00, fitnets 93.00 / 92.50, rkd 90.00 / 90.17" in first
+    diffs = [2.25, 2.5, 2.5]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = t_quantile(1 - 0.0125, 2) * sd / math.sqrt(3)
+    interval = f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+    assert (
+        f"fitnets (feature): its orders against the others, Δ last-epoch test {interval}" in first
+    )
+    assert first.endswith("— they are better.")
+    # Last stage: validation prefers rkd (93.5; kd 92.5, fitnets 88.5), though test
+    # prefers kd; rkd-last vs the rest on test: 90.5 − 90.5, 91 − 90.75, 91.5 − 91.25.
+    assert "validation prefers the last stage rkd (relation)" in last
+    assert "Δ last-epoch test +0.17 [" in last and last.endswith("at this number of seeds.")
+    # kd → fitnets → rkd is response → feature → relation: first of 6 on validation.
+    assert canonical == (
+        "orders: response → feature → relation (kd → fitnets → rkd) ranks 1 of 6 on "
+        "validation (94.00; the first, order-kd-fitnets-rkd, 94.00)."
+    )
+    # Only the seeds every order has count (seed 2 of one order has not finished).
+    del orders[4].final[2], orders[4].val_final[2]
+    assert "seeds 0, 1)" in order_principles(orders)[0]
+    # Fewer than three orders, or orders of different methods: no principle to test.
+    assert order_principles(orders[:2]) == []
+    assert order_principles([*orders[:3], _order("kd → at → rkd", 95, {0: 1, 1: 1})]) == []

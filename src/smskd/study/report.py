@@ -228,22 +228,98 @@ def _preferred(
     )
 
 
+def order_principles(recipes: list[RecipeResult]) -> list[str]:
+    """Whether an ordering principle holds among the ``orders`` recipes (the same
+    single-method stages in every order): for the first and for the last stage, the
+    orders grouped by that stage's method; validation picks the method (never test),
+    and test says how its orders differ from the others, paired by seed, with 97.5%
+    CIs (Bonferroni over the two positions). Then where the response → feature →
+    relation order ranks on validation."""
+    orders = [r for r in recipes if r.kind == "orders" and r.final and r.val_final]
+    plans = {r.label: r.stages.split(" → ") for r in orders}
+    common = _common_seeds([r.val_final for r in orders] + [r.final for r in orders])
+    if len(orders) < 3 or not common or len({tuple(sorted(p)) for p in plans.values()}) != 1:
+        return []
+    seeds = f"seed{'s' * (len(common) > 1)} {', '.join(map(str, common))}"
+
+    def per_seed(chosen: list[RecipeResult], split: str) -> dict[int, float]:
+        return {s: sum(getattr(r, split)[s] for r in chosen) / len(chosen) for s in common}
+
+    out = []
+    for position, at in (("first", 0), ("last", -1)):
+        methods = list(dict.fromkeys(plans[r.label][at] for r in orders))
+        groups = {m: [r for r in orders if plans[r.label][at] == m] for m in methods}
+        val = {m: _mean(per_seed(g, "val_final")) for m, g in groups.items()}
+        test = {m: _mean(per_seed(g, "final")) for m, g in groups.items()}
+        top = max(methods, key=lambda m: val[m])
+        rest = [r for r in orders if plans[r.label][at] != top]
+        diff = paired_difference(
+            per_seed(groups[top], "final"), per_seed(rest, "final"), confidence=0.975
+        )
+        assert diff is not None  # the seeds are common to all
+        means = ", ".join(f"{m} {val[m]:.2f} / {test[m]:.2f}" for m in methods)
+        out.append(
+            f"orders by their {position} stage's method (val / test, mean over the orders "
+            f"that share it, {seeds}): {means}; validation prefers the {position} stage "
+            f"{top}{_family(top)}: its orders against the others, Δ last-epoch test "
+            f"{_diff_text(diff)} (97.5% CI, Bonferroni over first and last) — "
+            f"{_verdict(diff, 'they are')}."
+        )
+    # The order the paper's families suggest: response → feature → relation.
+    ranks = {
+        r.label: [_FAMILY_RANK.get(_family_of(m) or "", -1) for m in plans[r.label]] for r in orders
+    }
+    canonical = [
+        r
+        for r in orders
+        if -1 not in ranks[r.label] and ranks[r.label] == sorted(set(ranks[r.label]))
+    ]
+    if len(canonical) == 1:
+        (first,) = canonical
+        families = " → ".join(_family_of(m) or m for m in plans[first.label])
+        ranked = sorted(orders, key=lambda r: -_mean_on(r.val_final, common))
+        out.append(
+            f"orders: {families} ({first.stages}) ranks {ranked.index(first) + 1} of "
+            f"{len(orders)} on validation ({_mean_on(first.val_final, common):.2f}; the first, "
+            f"{ranked[0].label}, {_mean_on(ranked[0].val_final, common):.2f})."
+        )
+    return out
+
+
+_FAMILY_RANK = {"response": 0, "feature": 1, "relation": 2}
+
+
+def _family_of(method: str) -> str | None:
+    from smskd.methods.registry import METHODS
+
+    cls = METHODS.get(method)
+    return cls.family if cls is not None else None
+
+
+def _family(method: str) -> str:
+    family = _family_of(method)
+    return f" ({family})" if family else ""
+
+
+def _verdict(diff: PairedDifference, subject: str) -> str:
+    return {
+        "higher": f"{subject} better",
+        "lower": f"{subject} worse",
+        "no clear difference": "no difference is detectable at this number of seeds",
+        "too few seeds to tell": "too few seeds to tell",
+        "no spread to tell": "the same difference on every seed: no spread to judge by",
+    }[diff.verdict]
+
+
 def versus_sentence(recipe: RecipeResult, anchor: RecipeResult, name: str) -> list[str]:
     """``recipe`` (called ``name``) against ``anchor`` in one sentence: the paired Δ of
     last-epoch test accuracy, its 95% CI and what it says; none without a common seed."""
     diff = paired(recipe, anchor)
     if diff is None:
         return []
-    verdict = {
-        "higher": f"{name} is better",
-        "lower": f"{name} is worse",
-        "no clear difference": "no difference is detectable at this number of seeds",
-        "too few seeds to tell": "too few seeds to tell",
-        "no spread to tell": "the same difference on every seed: no spread to judge by",
-    }[diff.verdict]
     return [
         f"{name} ({recipe.label}: {recipe.stages}) vs {anchor.label}: Δ last-epoch accuracy "
-        f"{_diff_text(diff)} over {diff.pairs} paired seeds — {verdict}."
+        f"{_diff_text(diff)} over {diff.pairs} paired seeds — {_verdict(diff, f'{name} is')}."
     ]
 
 
@@ -270,6 +346,7 @@ def findings(results: SweepResults, base: str) -> list[str]:
             out.append(f"{group}: {preferred}.")
         if smskd is not None:
             out += _against_default(smskd, recipes, group)
+        out += order_principles(recipes)
     if smskd is not None:
         weights = [
             r["train_ref_weight_mean"]
