@@ -31,6 +31,13 @@ CONFIG = {
 }
 
 
+def distill(config: Path, out: Path, *extra: str) -> None:
+    """``smskd distill`` to the end of the run, on the one thread every process here uses."""
+    subprocess.run(
+        command(config, out, *extra), check=True, capture_output=True, timeout=300, env=ENV
+    )
+
+
 def command(config: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -50,9 +57,7 @@ def setup(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     root = tmp_path_factory.mktemp("kill")
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    subprocess.run(
-        command(config, root / "clean"), check=True, capture_output=True, timeout=300, env=ENV
-    )
+    distill(config, root / "clean")
     return config, torch.load(root / "clean" / "student.pt", weights_only=True)
 
 
@@ -86,9 +91,7 @@ def test_sigkill_then_resume_is_bit_identical(point: str, setup, tmp_path: Path)
     out = tmp_path / "run"
     killed = run_until(command(config, out), lambda: POINTS[point](out), signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
-    subprocess.run(
-        command(config, out, "--resume"), check=True, capture_output=True, timeout=300, env=ENV
-    )
+    distill(config, out, "--resume")
     weights = torch.load(out / "student.pt", weights_only=True)
     for key, value in expected.items():
         assert torch.equal(weights[key], value), f"{point}: {key}"
@@ -106,8 +109,6 @@ def test_sigterm_checkpoints_says_how_to_resume_and_resumes(setup, tmp_path: Pat
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr and "Traceback" not in stderr
     hint = stderr.split("continue with: ")[1].strip().split()
     assert hint[:3] == ["smskd", "distill", str(config)] and hint[-1] == "--resume"
-    subprocess.run(
-        command(config, out, "--resume"), check=True, capture_output=True, timeout=300, env=ENV
-    )
+    distill(config, out, "--resume")
     weights = torch.load(out / "student.pt", weights_only=True)
     assert all(torch.equal(weights[k], v) for k, v in expected.items())
