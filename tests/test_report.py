@@ -394,55 +394,43 @@ def test_every_smskd_recipe_of_the_main_table_is_said_against_joint_and_single()
                             "on every seed: no spread to judge by.")  # fmt: skip
 
 
-def _order(plan: str, val: float, test: dict[int, float]) -> RecipeResult:
+def _order(plan: str, test: dict[int, float]) -> RecipeResult:
     label = "order-" + plan.replace(" → ", "-")
-    runs = {seed: f"{label}/seed-{seed}" for seed in test}
-    return RecipeResult(
-        label,
-        "orders",
-        "orders",
-        "b",
-        plan,
-        final=test,
-        val_final=dict.fromkeys(test, val),
-        runs=runs,
-    )
+    return RecipeResult(label, "orders", "orders", "b", plan, final=test)
 
 
-def test_an_ordering_principle_is_chosen_on_validation_and_judged_on_test() -> None:
+def test_the_first_and_the_last_stage_s_method_are_each_judged_against_the_other_orders():
     orders = [
-        _order("kd → fitnets → rkd", 94, {0: 90, 1: 91, 2: 92}),
-        _order("kd → rkd → fitnets", 89, {0: 89, 1: 89, 2: 89}),
-        _order("fitnets → kd → rkd", 93, {0: 91, 1: 91, 2: 91}),
-        _order("fitnets → rkd → kd", 93, {0: 93, 1: 94, 2: 95}),
-        _order("rkd → kd → fitnets", 88, {0: 88, 1: 88, 2: 88}),
-        _order("rkd → fitnets → kd", 92, {0: 92, 1: 92, 2: 93}),
+        _order("kd → fitnets → rkd", {0: 90, 1: 91, 2: 91}),
+        _order("kd → rkd → fitnets", {0: 89, 1: 89, 2: 89}),
+        _order("fitnets → kd → rkd", {0: 91, 1: 91, 2: 91}),
+        _order("fitnets → rkd → kd", {0: 93, 1: 94, 2: 95}),
+        _order("rkd → kd → fitnets", {0: 88, 1: 88, 2: 88}),
+        _order("rkd → fitnets → kd", {0: 92, 1: 92, 2: 93}),
     ]
-    first, last, canonical = order_principles(orders)
-    # First stage, validation: kd (94 + 89) / 2 = 91.5, fitnets 93, rkd 90 → fitnets.
-    # Test per seed, fitnets-first vs the other four: 92 − 89.75, 92.5 − 90, 93 − 90.5.
-    assert "kd 91.50 / 90.00, fitnets 93.00 / 92.50, rkd 90.00 / 90.17" in first
-    diffs = [2.25, 2.5, 2.5]
-    mean = sum(diffs) / 3
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
-    half = t_quantile(1 - 0.0125, 2) * sd / math.sqrt(3)
-    interval = f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
-    assert (
-        f"fitnets (feature): its orders against the others, Δ last-epoch test {interval}" in first
+    first, last, family_order = order_principles(orders)
+    # 2 positions × 3 methods = 6 comparisons: 99.17% intervals.
+    t = t_quantile(1 - 0.05 / 12, 2)
+    # fitnets first: (91 + 93) / 2 = 92, 92.5, 93 against the other four's 89.75, 90,
+    # 90.25: Δ 2.25, 2.5, 2.75, mean 2.5, sd 0.25.
+    half = t * 0.25 / math.sqrt(3)
+    assert f"fitnets (feature) 92.50, +2.50 [{2.5 - half:+.2f}, {2.5 + half:+.2f}]" in first
+    assert "99.17% CIs, Bonferroni over 6" in first
+    assert first.endswith("— fitnets first is better.")
+    # fitnets last: 88.5 on every seed against 91.5, 92, 92.5: Δ −3, −3.5, −4.
+    half = t * 0.5 / math.sqrt(3)
+    assert f"fitnets (feature) 88.50, -3.50 [{-3.5 - half:+.2f}, {-3.5 + half:+.2f}]" in last
+    assert last.endswith("— fitnets last is worse.")
+    # kd → fitnets → rkd is response → feature → relation: 90.67, 4th of 6 on test.
+    assert family_order == (
+        "orders: kd → fitnets → rkd (response → feature → relation) ranks 4 of 6 on test "
+        "(90.67; the best, fitnets → rkd → kd, 94.00)."
     )
-    assert first.endswith("— they are better.")
-    # Last stage: validation prefers rkd (93.5; kd 92.5, fitnets 88.5), though test
-    # prefers kd; rkd-last vs the rest on test: 90.5 − 90.5, 91 − 90.75, 91.5 − 91.25.
-    assert "validation prefers the last stage rkd (relation)" in last
-    assert "Δ last-epoch test +0.17 [" in last and last.endswith("at this number of seeds.")
-    # kd → fitnets → rkd is response → feature → relation: first of 6 on validation.
-    assert canonical == (
-        "orders: response → feature → relation (kd → fitnets → rkd) ranks 1 of 6 on "
-        "validation (94.00; the first, order-kd-fitnets-rkd, 94.00)."
-    )
-    # Only the seeds every order has count (seed 2 of one order has not finished).
-    del orders[4].final[2], orders[4].val_final[2]
-    assert "seeds 0, 1)" in order_principles(orders)[0]
-    # Fewer than three orders, or orders of different methods: no principle to test.
-    assert order_principles(orders[:2]) == []
-    assert order_principles([*orders[:3], _order("kd → at → rkd", 95, {0: 1, 1: 1})]) == []
+    # Only the seeds every order has count (seed 2 of one order has not finished):
+    # fitnets first on seeds 0 and 1, (92 + 92.5) / 2, Δ 2.25 and 2.5.
+    del orders[4].final[2]
+    assert f"fitnets (feature) 92.25, {(2.25 + 2.5) / 2:+.2f} [" in order_principles(orders)[0]
+    # An order missing, or only two stages: no principle to test.
+    assert order_principles(orders[1:]) == []
+    two = [_order("kd → rkd", {0: 90, 1: 91}), _order("rkd → kd", {0: 89, 1: 88})]
+    assert order_principles(two) == []

@@ -4,10 +4,12 @@ the plots, and what made the numbers (:func:`write_sweep_report`)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 from smskd.errors import UserError
+from smskd.methods.registry import FAMILIES, METHODS
 from smskd.store.provenance import git_commit, software
 from smskd.study.forgetting import mean_matrix, stage_one_forgetting
 from smskd.study.lm_report import (
@@ -229,86 +231,79 @@ def _preferred(
 
 
 def order_principles(recipes: list[RecipeResult]) -> list[str]:
-    """Whether an ordering principle holds among the ``orders`` recipes (the same
-    single-method stages in every order): for the first and for the last stage, the
-    orders grouped by that stage's method; validation picks the method (never test),
-    and test says how its orders differ from the others, paired by seed, with 97.5%
-    CIs (Bonferroni over the two positions). Then where the response → feature →
-    relation order ranks on validation."""
-    orders = [r for r in recipes if r.kind == "orders" and r.final and r.val_final]
-    plans = {r.label: r.stages.split(" → ") for r in orders}
-    common = _common_seeds([r.val_final for r in orders] + [r.final for r in orders])
-    if len(orders) < 3 or not common or len({tuple(sorted(p)) for p in plans.values()}) != 1:
+    """Whether the first or the last stage's method decides, among an ``orders`` group
+    holding every order of the same K ≥ 3 stages once (with two stages, first and last
+    mirror each other): for each position and method, that method's orders against the
+    other orders, paired by seed on last-epoch test accuracy, with intervals
+    Bonferroni-adjusted over the 2·K comparisons. Nothing is chosen, so no validation
+    split is needed. Then where the order of the families, response → feature →
+    relation, ranks. Nothing until every order has finished on a common seed."""
+    orders = [r for r in recipes if r.kind == "orders" and r.final]
+    plans = {r.label: tuple(r.stages.split(" → ")) for r in orders}
+    stages = next(iter(plans.values()), ())
+    common = _common_seeds([r.final for r in orders])
+    if len(stages) < 3 or not common:
         return []
+    if sorted(plans.values()) != sorted(itertools.permutations(stages)):
+        return []  # an order missing (not finished yet), or several orders entries
+    comparisons = 2 * len(stages)
+    confidence = 1 - 0.05 / comparisons
     seeds = f"seed{'s' * (len(common) > 1)} {', '.join(map(str, common))}"
 
-    def per_seed(chosen: list[RecipeResult], split: str) -> dict[int, float]:
-        return {s: sum(getattr(r, split)[s] for r in chosen) / len(chosen) for s in common}
+    def mean_test(chosen: list[RecipeResult]) -> dict[int, float]:
+        return {s: sum(r.final[s] for r in chosen) / len(chosen) for s in common}
 
     out = []
     for position, at in (("first", 0), ("last", -1)):
-        methods = list(dict.fromkeys(plans[r.label][at] for r in orders))
-        groups = {m: [r for r in orders if plans[r.label][at] == m] for m in methods}
-        val = {m: _mean(per_seed(g, "val_final")) for m, g in groups.items()}
-        test = {m: _mean(per_seed(g, "final")) for m, g in groups.items()}
-        top = max(methods, key=lambda m: val[m])
-        rest = [r for r in orders if plans[r.label][at] != top]
-        diff = paired_difference(
-            per_seed(groups[top], "final"), per_seed(rest, "final"), confidence=0.975
-        )
-        assert diff is not None  # the seeds are common to all
-        means = ", ".join(f"{m} {val[m]:.2f} / {test[m]:.2f}" for m in methods)
+        said, clear = [], []
+        for method in stages:
+            mine = mean_test([r for r in orders if plans[r.label][at] == method])
+            diff = paired_difference(
+                mine, mean_test([r for r in orders if plans[r.label][at] != method]), confidence
+            )
+            assert diff is not None  # the seeds are common to all
+            said.append(f"{method}{_family_suffix(method)} {_mean(mine):.2f}, {_diff_text(diff)}")
+            if diff.verdict in ("higher", "lower"):
+                clear.append(f"{method} {position} is {'better' if diff.mean > 0 else 'worse'}")
         out.append(
-            f"orders by their {position} stage's method (val / test, mean over the orders "
-            f"that share it, {seeds}): {means}; validation prefers the {position} stage "
-            f"{top}{_family(top)}: its orders against the others, Δ last-epoch test "
-            f"{_diff_text(diff)} (97.5% CI, Bonferroni over first and last) — "
-            f"{_verdict(diff, 'they are')}."
+            f"orders by their {position} stage's method (mean last-epoch test over the orders "
+            f"that share it, {seeds}; Δ against the other orders, paired, "
+            f"{100 * confidence:.4g}% CIs, Bonferroni over {comparisons}): {'; '.join(said)} — "
+            + ("; ".join(clear) if clear else "no method makes a detectable difference there")
+            + "."
         )
-    # The order the paper's families suggest: response → feature → relation.
-    ranks = {
-        r.label: [_FAMILY_RANK.get(_family_of(m) or "", -1) for m in plans[r.label]] for r in orders
+    family_ranks = {
+        label: [FAMILIES.index(f) if (f := _family(m)) else -1 for m in plan]
+        for label, plan in plans.items()
     }
-    canonical = [
+    in_family_order = [
         r
         for r in orders
-        if -1 not in ranks[r.label] and ranks[r.label] == sorted(set(ranks[r.label]))
+        if -1 not in family_ranks[r.label]
+        and family_ranks[r.label] == sorted(family_ranks[r.label])
     ]
-    if len(canonical) == 1:
-        (first,) = canonical
-        families = " → ".join(_family_of(m) or m for m in plans[first.label])
-        ranked = sorted(orders, key=lambda r: -_mean_on(r.val_final, common))
+    ranked = sorted(orders, key=lambda r: -_mean_on(r.final, common))
+    for recipe in in_family_order:
+        families = " → ".join(_family(m) or m for m in plans[recipe.label])
+        rank = ranked.index(recipe) + 1
+        best = f"; the best, {ranked[0].stages}, {_mean_on(ranked[0].final, common):.2f}"
         out.append(
-            f"orders: {families} ({first.stages}) ranks {ranked.index(first) + 1} of "
-            f"{len(orders)} on validation ({_mean_on(first.val_final, common):.2f}; the first, "
-            f"{ranked[0].label}, {_mean_on(ranked[0].val_final, common):.2f})."
+            f"orders: {recipe.stages} ({families}) ranks {rank} of {len(orders)} on test "
+            f"({_mean_on(recipe.final, common):.2f}{best if rank > 1 else ''})."
         )
     return out
 
 
-_FAMILY_RANK = {"response": 0, "feature": 1, "relation": 2}
-
-
-def _family_of(method: str) -> str | None:
-    from smskd.methods.registry import METHODS
-
+def _family(method: str) -> str | None:
+    """A method's family, or None for a name the registry does not know (a method the
+    runs registered that this process has not imported, or a stage's own label)."""
     cls = METHODS.get(method)
     return cls.family if cls is not None else None
 
 
-def _family(method: str) -> str:
-    family = _family_of(method)
+def _family_suffix(method: str) -> str:
+    family = _family(method)
     return f" ({family})" if family else ""
-
-
-def _verdict(diff: PairedDifference, subject: str) -> str:
-    return {
-        "higher": f"{subject} better",
-        "lower": f"{subject} worse",
-        "no clear difference": "no difference is detectable at this number of seeds",
-        "too few seeds to tell": "too few seeds to tell",
-        "no spread to tell": "the same difference on every seed: no spread to judge by",
-    }[diff.verdict]
 
 
 def versus_sentence(recipe: RecipeResult, anchor: RecipeResult, name: str) -> list[str]:
@@ -317,14 +312,22 @@ def versus_sentence(recipe: RecipeResult, anchor: RecipeResult, name: str) -> li
     diff = paired(recipe, anchor)
     if diff is None:
         return []
+    verdict = {
+        "higher": f"{name} is better",
+        "lower": f"{name} is worse",
+        "no clear difference": "no difference is detectable at this number of seeds",
+        "too few seeds to tell": "too few seeds to tell",
+        "no spread to tell": "the same difference on every seed: no spread to judge by",
+    }[diff.verdict]
     return [
         f"{name} ({recipe.label}: {recipe.stages}) vs {anchor.label}: Δ last-epoch accuracy "
-        f"{_diff_text(diff)} over {diff.pairs} paired seeds — {_verdict(diff, f'{name} is')}."
+        f"{_diff_text(diff)} over {diff.pairs} paired seeds — {verdict}."
     ]
 
 
 def findings(results: SweepResults, base: str) -> list[str]:
-    """Plain sentences for the headline comparisons, from the paired 95% CIs."""
+    """Plain sentences for the headline comparisons and each ablation group, from paired
+    CIs (95%, or Bonferroni-adjusted where a group makes several comparisons)."""
     out = []
     smskd = _anchor(results, base, "smskd")
     joint = _anchor(results, base, "joint")
