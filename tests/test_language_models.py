@@ -188,7 +188,7 @@ def test_the_student_loads_in_plain_transformers_with_the_same_logits(staged_run
     ids = torch.tensor([tokenizer.encode("KING. What say you?").ids])
     student = result.student.eval()
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, student(ids))
+        assert torch.equal(loaded(ids, use_cache=False).logits, student(ids))
     assert (out / "teacher" / "hf" / "model.safetensors").is_file()
 
 
