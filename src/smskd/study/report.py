@@ -467,8 +467,9 @@ def forgetting_section(results: SweepResults, base: str) -> list[str]:
     ]
     for recipe in recipes:
         rows, measures, matrix = mean_matrix(recipe)
+        seeds = len(recipe.forgetting)
         lines += [
-            f"**{recipe.label}** ({recipe.stages}, {len(recipe.forgetting)} seeds)",
+            f"**{recipe.label}** ({recipe.stages}, {seeds} seed{'s' * (seeds > 1)})",
             "",
             "| stage end | " + " | ".join(measures) + " |",
             "|---|" + "---:|" * len(measures),
