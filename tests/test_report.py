@@ -16,6 +16,7 @@ from smskd.study.report import (
     findings,
     forgetting_section,
     order_principles,
+    versus_sentence,
     write_sweep_report,
 )
 from smskd.study.results import RecipeResult, SweepResults, load_sweep_results
@@ -434,3 +435,11 @@ def test_the_first_and_the_last_stage_s_method_are_each_judged_against_the_other
     assert order_principles(orders[1:]) == []
     two = [_order("kd → rkd", {0: 90, 1: 91}), _order("rkd → kd", {0: 89, 1: 88})]
     assert order_principles(two) == []
+
+
+def test_a_verdict_names_its_subject_as_given_mid_sentence_and_capitalized_first() -> None:
+    searched = _recipe("searched", "smskd", "search", {1: 82, 2: 83, 3: 85}, {})
+    smskd = _recipe("smskd", "smskd", "main", {1: 80, 2: 80, 3: 81}, {})
+    (said,) = versus_sentence(searched, smskd, "the searched plan")
+    assert said.startswith("The searched plan (searched: searched) vs smskd: Δ last-epoch")
+    assert said.endswith("over 3 paired seeds — the searched plan is better.")

@@ -320,8 +320,8 @@ def versus_sentence(recipe: RecipeResult, anchor: RecipeResult, name: str) -> li
         "no spread to tell": "the same difference on every seed: no spread to judge by",
     }[diff.verdict]
     return [
-        f"{name} ({recipe.label}: {recipe.stages}) vs {anchor.label}: Δ last-epoch accuracy "
-        f"{_diff_text(diff)} over {diff.pairs} paired seeds — {verdict}."
+        f"{name[:1].upper()}{name[1:]} ({recipe.label}: {recipe.stages}) vs {anchor.label}: "
+        f"Δ last-epoch accuracy {_diff_text(diff)} over {diff.pairs} paired seeds — {verdict}."
     ]
 
 

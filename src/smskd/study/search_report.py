@@ -102,7 +102,7 @@ def _final_section(search: Any) -> list[str]:
             if label in by_label:
                 lines += [
                     f"- {s}"
-                    for s in versus_sentence(searched, by_label[label], "The searched plan")
+                    for s in versus_sentence(searched, by_label[label], "the searched plan")
                 ]
     lines += [f"- {label}: {_weights(recipe)}" for label, recipe in by_label.items()]
     lines.append("")
