@@ -225,9 +225,13 @@ def _preferred(
     name = f"the default {top.label}" if top is default else top.label
     return (
         f"preferred on validation: {name} ({_mean_on(top.val_final, common):.2f} val, "
-        f"{_mean_on(top.final, common):.2f} test, mean over seed{'s' * (len(common) > 1)} "
-        f"{', '.join(map(str, common))})"
+        f"{_mean_on(top.final, common):.2f} test, mean over {_seed_list(common)})"
     )
+
+
+def _seed_list(seeds: list[int]) -> str:
+    """``seed 5`` or ``seeds 0, 1, 2``."""
+    return f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
 
 
 def order_principles(recipes: list[RecipeResult]) -> list[str]:
@@ -248,7 +252,6 @@ def order_principles(recipes: list[RecipeResult]) -> list[str]:
         return []  # an order missing (not finished yet), or several orders entries
     comparisons = 2 * len(stages)
     confidence = 1 - 0.05 / comparisons
-    seeds = f"seed{'s' * (len(common) > 1)} {', '.join(map(str, common))}"
 
     def mean_test(chosen: list[RecipeResult]) -> dict[int, float]:
         return {s: sum(r.final[s] for r in chosen) / len(chosen) for s in common}
@@ -267,7 +270,7 @@ def order_principles(recipes: list[RecipeResult]) -> list[str]:
                 clear.append(f"{method} {position} is {'better' if diff.mean > 0 else 'worse'}")
         out.append(
             f"orders by their {position} stage's method (mean last-epoch test over the orders "
-            f"that share it, {seeds}; Δ against the other orders, paired, "
+            f"that share it, {_seed_list(common)}; Δ against the other orders, paired, "
             f"{100 * confidence:.4g}% CIs, Bonferroni over {comparisons}): {'; '.join(said)} — "
             + ("; ".join(clear) if clear else "no method makes a detectable difference there")
             + "."
